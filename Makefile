@@ -1,0 +1,37 @@
+# shardtrain: `make demo` trains the default recipe on the committed data; `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install demo test test-slow test-slurm test-all lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	rm -rf runs/demo
+	launch/train.sh fashion-mnist-resnet9 shards/fashion-mnist-12k --out runs/demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+test-slurm: install
+	bash slurm/cluster/start.sh
+	$(PY) -m pytest -q -m slurm; status=$$?; bash slurm/cluster/stop.sh; exit $$status
+
+test-all: test test-slow test-slurm
+
+lint: install
+	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf runs wandb .pytest_cache

@@ -1,0 +1,127 @@
+"""Save and load complete training state atomically; weights files that describe themselves.
+
+Layout of RUN_DIR/checkpoints/:
+    step-000120/model.safetensors   weights + metadata (model name/kwargs, classes, normalisation)
+    step-000120/optimizer.pt        optimizer, scheduler and grad-scaler state (tensors only)
+    step-000120/rng.pt              every rank's torch RNG states
+    step-000120/trainer.json        step, epoch, world size, W&B id, config and index hashes
+    latest                          text: the newest complete checkpoint's folder name
+    best.safetensors                weights with the best validation accuracy so far
+
+A checkpoint is written into a temporary folder, fsynced and renamed, then `latest` is replaced:
+a crash while saving leaves the previous checkpoint loadable. Nothing here unpickles code:
+weights are safetensors and the rest loads with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from shardtrain.errors import UserError
+
+META_KEY = "shardtrain"
+
+
+def save_weights(path: Path, state_dict: dict, meta: dict) -> None:
+    """Atomically write a safetensors file with our metadata (JSON under the 'shardtrain' key)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(path: str | Path) -> tuple[dict, dict]:
+    """(state_dict, metadata) from a .safetensors file, a checkpoint folder or a run folder."""
+    path = resolve_weights(Path(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if not meta:
+        raise UserError(f"{path} has no shardtrain metadata (was it written by shardtrain?)")
+    return state, meta
+
+
+def resolve_weights(path: Path) -> Path:
+    if path.is_dir():
+        for candidate in (path / "model.safetensors", path / "checkpoints" / "best.safetensors"):
+            if candidate.is_file():
+                return candidate
+        latest = latest_checkpoint(path / "checkpoints")
+        if latest:
+            return latest / "model.safetensors"
+        raise UserError(f"no model.safetensors in {path}")
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+def save_checkpoint(root: Path, step: int, *, model_state: dict, meta: dict, optim_state: dict,
+                    rng_states: list, trainer: dict, keep: int) -> Path:
+    """Write checkpoint `step` under root atomically, point `latest` at it, prune old ones."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    final = root / name
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(tmp / "model.safetensors", model_state, meta)
+    torch.save(optim_state, tmp / "optimizer.pt")
+    torch.save(rng_states, tmp / "rng.pt")
+    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+    for f in tmp.iterdir():
+        fsync_file(f)
+    if final.exists():  # re-saving the same step (e.g. epoch end right after a periodic save)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    write_atomic(root / "latest", name)
+    prune(root, keep)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    folder = root / pointer.read_text().strip()
+    return folder if (folder / "trainer.json").is_file() else None
+
+
+def load_checkpoint(folder: Path) -> dict:
+    """Everything save_checkpoint wrote, loaded without executing pickled code."""
+    state, meta = load_weights(folder / "model.safetensors")
+    return {
+        "model": state,
+        "meta": meta,
+        "optim": torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True),
+        "rng": torch.load(folder / "rng.pt", map_location="cpu", weights_only=True),
+        "trainer": json.loads((folder / "trainer.json").read_text()),
+    }
+
+
+def prune(root: Path, keep: int) -> None:
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*.tmp-*"):  # left by a crash during an earlier save
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

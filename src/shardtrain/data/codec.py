@@ -1,0 +1,169 @@
+"""Encode images into shard members and decode them back to uint8 tensors.
+
+A sample's image member is one of:
+  npy  raw uint8 array saved with np.save, shape (H, W) for 1 channel or (H, W, 3);
+  png  lossless PNG of the stored pixels;
+  jpg  the source file's JPEG bytes unchanged (baseline, already in the target mode, no EXIF
+       rotation, no resize), or a quality-95 re-encode when `fmt="jpg"` is forced.
+
+Usage (what pack workers and the loader call):
+    ext, data, pixels = encode_sample(path_or_array, channels=3, fmt="auto", image_size=0)
+    img = decode_image(data, ext, channels=3)   # torch.uint8 (C, H, W)
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+SMALL_PIXELS = 64 * 64  # "auto" stores images up to 64x64 as raw npy: decoding PNG costs more
+JPEG_QUALITY = 95
+_MODES = {1: "L", 3: "RGB"}
+
+
+def _scale_16bit(img: Image.Image) -> Image.Image:
+    """I;16 / I / F -> L by scaling the full range to 8 bits (clipping would saturate)."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = arr.astype(np.float64) * (255.0 if float(arr.max(initial=0)) <= 1.0 else 1.0)
+    else:
+        arr = np.clip(arr.astype(np.float64), 0, 65535) / 257.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any common PIL mode to "L" (channels=1) or "RGB" (channels=3), EXIF rotation applied.
+
+    Transparency is composited on white; CMYK/YCbCr go through RGB; 16-bit gray is scaled.
+    """
+    target = _MODES[channels]
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        img = _scale_16bit(img)
+    elif img.mode == "1":
+        img = img.convert("L")
+    elif img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode in ("P", "L", "RGB") and "transparency" in img.info
+    ):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba).convert("RGB")
+    elif img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, P without transparency
+    return img if img.mode == target else img.convert(target)
+
+
+def _open_checked(data: bytes) -> Image.Image:
+    """Open and fully load an image, turning bombs/truncation/garbage into ValueError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"decompression bomb: {e}") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... on bad data
+        raise ValueError(f"cannot decode image: {e}") from None
+    return img
+
+
+def _array_to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W) or (H, W, 3) uint8 -> the same with `channels` channels."""
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise ValueError(f"unsupported array dtype/shape {arr.dtype} {arr.shape}")
+    if channels == 1 and arr.ndim == 3:
+        return np.asarray(Image.fromarray(arr, "RGB").convert("L"))
+    if channels == 3 and arr.ndim == 2:
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    return arr
+
+
+def decode_image(data: bytes, ext: str, channels: int) -> torch.Tensor:
+    """Decode one image member into a uint8 tensor (C, H, W); ValueError on undecodable data."""
+    if ext == "npy":
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"cannot decode npy: {e}") from None
+        arr = _array_to_channels(arr, channels)
+    elif ext in ("png", "jpg", "jpeg"):
+        arr = np.asarray(to_mode(_open_checked(data), channels))
+    else:
+        raise ValueError(f"unknown image extension {ext!r}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (C, H, W)
+
+
+def _resize(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size`, then centre-crop to size x size."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _keep_jpeg(raw: bytes, img: Image.Image, channels: int, resized: bool) -> bool:
+    """True when the original JPEG bytes can be stored unchanged (no re-encode loss)."""
+    return (
+        img.format == "JPEG"
+        and not resized
+        and img.mode == _MODES[channels]
+        and not img.info.get("progressive")
+        and not img.info.get("progression")
+        and img.getexif().get(0x0112, 1) == 1  # EXIF Orientation: 1 = upright
+        and raw[:2] == b"\xff\xd8"
+    )
+
+
+def _encode_array(arr: np.ndarray, ext: str) -> bytes:
+    buf = io.BytesIO()
+    if ext == "npy":
+        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    elif ext == "png":
+        Image.fromarray(arr).save(buf, format="PNG", optimize=False)
+    else:
+        Image.fromarray(arr).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def encode_sample(
+    src: str | Path | np.ndarray, *, channels: int, fmt: str = "auto", image_size: int = 0
+) -> tuple[str, bytes, np.ndarray]:
+    """Encode a file path or uint8 array into (ext, member bytes, stored pixels (H, W[, 3])).
+
+    Raises ValueError with a reason when the input cannot be used.
+    """
+    if fmt not in ("auto", "npy", "png", "jpg"):
+        raise ValueError(f"unknown format {fmt!r}")
+    if isinstance(src, np.ndarray):
+        raw, arr, img = None, _array_to_channels(src, channels), None
+        if image_size and arr.shape[:2] != (image_size, image_size):
+            arr = np.asarray(_resize(Image.fromarray(arr), image_size))
+    else:
+        raw = Path(src).read_bytes()
+        if not raw:
+            raise ValueError("empty file")
+        img = _open_checked(raw)
+        conv = to_mode(img, channels)
+        resized = bool(image_size) and conv.size != (image_size, image_size)
+        conv = _resize(conv, image_size) if resized else conv
+        arr = np.asarray(conv)
+        if fmt in ("auto", "jpg") and _keep_jpeg(raw, img, channels, resized):
+            if fmt == "jpg" or arr.shape[0] * arr.shape[1] > SMALL_PIXELS:
+                return "jpg", raw, arr
+    if fmt == "auto":
+        small = arr.shape[0] * arr.shape[1] <= SMALL_PIXELS
+        fmt = "npy" if (raw is None or small) else "png"
+    data = _encode_array(arr, fmt)
+    if fmt == "jpg":  # statistics must describe what is stored, which is lossy here
+        arr = decode_image(data, "jpg", channels).permute(1, 2, 0).numpy()
+        arr = arr[:, :, 0] if channels == 1 else arr
+    return fmt, data, arr

@@ -1,0 +1,150 @@
+"""make_train_loader() / make_eval_loader(): plan + shards -> uint8 batches for this rank.
+
+A torch DataLoader over a map-style dataset whose item i is this rank's i-th micro-batch. With
+`batch_size=None` the DataLoader hands item i to worker i mod W and yields items in order, so
+workers take whole batches round-robin and the main process sees them in plan order. Resuming is
+starting the index range later: consumed samples are never read or decoded.
+
+Workers read samples by byte offset (index.ShardReader), decode them and run the per-sample part
+of the augmentation with a generator seeded by (seed, epoch, sample id), so the result never
+depends on which worker ran. The cheap per-batch part (pad-crop, flips, normalisation) runs on the
+training device in train.py (on the GPU when there is one); workers only draw its parameters.
+
+Corrupt samples are dropped from their batch and reported in `batch["skipped"]`, never silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from shardtrain.data import transforms
+from shardtrain.data.codec import decode_image
+from shardtrain.data.index import ShardReader, SampleTable
+from shardtrain.data.plan import TrainPlan, eval_ids
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """What the workers do to each sample (a picklable slice of the config)."""
+
+    channels: int
+    image_size: int  # output side in px
+    train: bool
+    seed: int = 0
+    pad_crop: int = 0
+    hflip: bool = False
+    vflip: bool = False
+    resized_crop: float = 0.0
+    rotation: float = 0.0
+    color_jitter: float = 0.0
+
+
+class Batches(Dataset):
+    """Item i = the i-th batch of sample ids from `batch_ids(i)`, decoded (and augmented)."""
+
+    def __init__(self, table: SampleTable, options: SampleOptions, batch_ids, length: int):
+        self.table, self.options, self.batch_ids, self.length = table, options, batch_ids, length
+        self.reader = None  # opened lazily inside each worker process
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        if self.reader is None:
+            self.reader = ShardReader(self.table.shard_paths)
+        epoch, ids = self.batch_ids(i)
+        images, labels, params, kept, skipped = [], [], [], [], []
+        for sample_id in ids.tolist():
+            try:
+                image = self.load(sample_id)
+            except (ValueError, OSError) as e:  # corrupt sample: drop it, report it
+                skipped.append(f"{self.table.shard_paths[self.table.shard[sample_id]].name}:"
+                               f"{sample_id:08d}: {e}")
+                continue
+            image, param = self.augment(image, epoch, sample_id)
+            images.append(image)
+            params.append(param)
+            labels.append(int(self.table.label[sample_id]))
+            kept.append(sample_id)
+        return collate(images, labels, params, kept, skipped, self.options)
+
+    def load(self, sample_id: int) -> torch.Tensor:
+        t = self.table
+        data = self.reader.read(int(t.shard[sample_id]), int(t.offset[sample_id]),
+                                int(t.size[sample_id]))
+        return decode_image(data, str(t.ext[sample_id]), self.options.channels)
+
+    def augment(self, image: torch.Tensor, epoch: int, sample_id: int):
+        o = self.options
+        if not o.train:
+            return transforms.resize_sample(image, o.image_size), (0, 0, False, False)
+        gen = transforms.sample_generator(o.seed, epoch, sample_id)
+        image = transforms.augment_sample(
+            image, gen, out_size=o.image_size, resized_crop=o.resized_crop,
+            rotation=o.rotation, color_jitter=o.color_jitter)
+        return image, transforms.sample_crop_flip(gen, o.pad_crop, o.hflip, o.vflip)
+
+
+def collate(images, labels, params, kept, skipped, options: SampleOptions) -> dict:
+    if images:
+        x = torch.stack(images)  # (B, C, H, W) uint8
+    else:
+        x = torch.zeros(0, options.channels, options.image_size, options.image_size,
+                        dtype=torch.uint8)
+    return {
+        "images": x,
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "offsets": torch.tensor([p[:2] for p in params], dtype=torch.long).reshape(-1, 2),
+        "hflips": torch.tensor([p[2] for p in params], dtype=torch.bool),
+        "vflips": torch.tensor([p[3] for p in params], dtype=torch.bool),
+        "ids": torch.tensor(kept, dtype=torch.long),
+        "skipped": skipped,
+    }
+
+
+def make_train_loader(table: SampleTable, plan: TrainPlan, options: SampleOptions, *,
+                      start_micro: int, end_micro: int, workers: int, prefetch: int,
+                      pin_memory: bool) -> DataLoader:
+    """This rank's micro-batches start_micro..end_micro-1 (counted from the start of training)."""
+    dataset = Batches(table, options, plan.micro_batch, length=end_micro)
+    return DataLoader(
+        dataset, batch_size=None, sampler=range(start_micro, end_micro), num_workers=workers,
+        pin_memory=pin_memory, prefetch_factor=prefetch if workers else None,
+        persistent_workers=False)
+
+
+def make_eval_loader(table: SampleTable, options: SampleOptions, *, world_size: int, rank: int,
+                     batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+    """This rank's share of a split, every sample once across ranks (plan.eval_ids)."""
+    chunks = EvalChunks(eval_ids(len(table.label), world_size, rank), batch_size)
+    dataset = Batches(table, options, chunks, length=len(chunks))
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                      pin_memory=pin_memory, prefetch_factor=2 if workers else None)
+
+
+class EvalChunks:
+    """Callable batch_ids for eval: chunk i of this rank's ids (picklable, unlike a lambda)."""
+
+    def __init__(self, ids: np.ndarray, batch_size: int):
+        self.ids, self.batch_size = ids, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.ids) // self.batch_size)
+
+    def __call__(self, i: int) -> tuple[int, np.ndarray]:
+        return 0, self.ids[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def options_from_config(cfg, channels: int, image_size: int, train: bool) -> SampleOptions:
+    a = cfg.augment
+    if not train:
+        return SampleOptions(channels=channels, image_size=image_size, train=False)
+    return SampleOptions(
+        channels=channels, image_size=image_size, train=True, seed=cfg.train.seed,
+        pad_crop=a.pad_crop, hflip=a.hflip, vflip=a.vflip, resized_crop=a.resized_crop,
+        rotation=a.rotation, color_jitter=a.color_jitter)
+

@@ -1,0 +1,246 @@
+"""write_shards(): SOURCE -> OUT_DIR/{split}-{i:06d}.tar[.gz] + .samples.json sidecars + index.json.
+
+Deterministic: inputs are sorted, subset/val/shuffle use random.Random(seed), workers return results
+in order, and tar/gzip headers carry no time or owner, so the same input and options give
+byte-identical shards. Memory stays flat: items are encoded and written in blocks.
+
+    from shardtrain.data.pack import write_shards
+    write_shards("/usr/share/datasets/fashion-mnist", "shards/fm", limit="10000,test=2000",
+                 compress=True, fmt="npy")
+CLI: `shardtrain pack SOURCE OUT_DIR --limit 10000,test=2000 --compress --format npy`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import sys
+import tarfile
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from shardtrain import __version__
+from shardtrain.data.codec import encode_sample
+from shardtrain.data.sources import Item, open_source
+from shardtrain.errors import UserError
+
+SPLIT_ORDER = ("train", "val", "test")
+BLOCK = 2048  # items encoded per pool round: bounds memory whatever the dataset size
+
+
+def _parse_limit(limit: int | str | dict | None) -> dict[str, int]:
+    """0 / 5000 / "5000" / "train=9000,test=2000" / "5000,test=2000" -> {split or "*": n}."""
+    if isinstance(limit, dict):
+        return {str(k): int(v) for k, v in limit.items()}
+    out: dict[str, int] = {}
+    try:
+        for part in str(limit or 0).split(","):
+            name, _, n = part.rpartition("=")
+            out[name.strip() or "*"] = int(n)
+    except ValueError:
+        raise UserError(f"bad --limit {limit!r}: use N or train=N,test=M") from None
+    if any(v < 0 for v in out.values()):
+        raise UserError(f"bad --limit {limit!r}: must be >= 0")
+    return out
+
+
+def _stratified_pick(items: list[Item], n: int, rng: random.Random) -> tuple[list, list]:
+    """Pick n items with per-class shares kept (largest remainder); (picked, rest) keep order."""
+    by_cls: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        by_cls.setdefault(it.label, []).append(i)
+    total = len(items)
+    quota = {c: n * len(ix) // total for c, ix in by_cls.items()}
+    rema = sorted(by_cls, key=lambda c: (-(n * len(by_cls[c]) % total), c))
+    for c in rema[: n - sum(quota.values())]:
+        quota[c] += 1
+    chosen = set()
+    for c in sorted(by_cls):
+        chosen.update(rng.sample(by_cls[c], quota[c]))
+    picked = [it for i, it in enumerate(items) if i in chosen]
+    return picked, [it for i, it in enumerate(items) if i not in chosen]
+
+
+def plan_splits(
+    splits: dict[str, list[Item]], limit, val_fraction: float, seed: int
+) -> dict[str, list[Item]]:
+    """Apply the per-split limit, carve val from train if absent, shuffle each split (seeded)."""
+    rng, lim = random.Random(seed), _parse_limit(limit)
+    out = {}
+    for name in [s for s in SPLIT_ORDER if s in splits]:
+        items, n = splits[name], lim.get(name, lim.get("*", 0))
+        out[name] = _stratified_pick(items, n, rng)[0] if 0 < n < len(items) else list(items)
+    if "val" not in out and val_fraction > 0 and out["train"]:
+        n_val = round(len(out["train"]) * val_fraction)
+        out["val"], out["train"] = _stratified_pick(out["train"], n_val, rng)
+    for name in out:
+        rng.shuffle(out[name])
+    return {s: out[s] for s in SPLIT_ORDER if out.get(s)}
+
+
+def _encode_one(item: Item, channels: int, fmt: str, image_size: int) -> tuple:
+    """Worker: ("ok", ext, bytes, label, (h, w), sums, sqsums, digest) or ("skip", reason)."""
+    try:
+        src = item.array if item.array is not None else item.path
+        ext, data, arr = encode_sample(src, channels=channels, fmt=fmt, image_size=image_size)
+    except (ValueError, OSError) as e:
+        return ("skip", str(e))
+    px = arr.reshape(arr.shape[0], arr.shape[1], -1).astype(np.int64)
+    sums = tuple(int(v) for v in px.sum(axis=(0, 1)))
+    sqsums = tuple(int(v) for v in (px * px).sum(axis=(0, 1)))
+    digest = hashlib.sha256(Path(item.path).read_bytes()).hexdigest() if item.path else None
+    return ("ok", ext, data, item.label, arr.shape[:2], sums, sqsums, digest)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
+    return ti
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _ShardWriter:
+    """Writes one split's shards, `shard_size` samples each, and their sidecars."""
+
+    def __init__(self, out_dir: Path, split: str, shard_size: int, compress: bool):
+        self.out_dir, self.split, self.shard_size, self.compress = out_dir, split, shard_size, compress
+        self.shards: list[dict] = []
+        self.n = 0
+        self._tar = None
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):06d}.tar" + (".gz" if self.compress else "")
+        self._path, self._file = self.out_dir / name, open(self.out_dir / name, "wb")
+        stream = self._file
+        if self.compress:  # mtime=0 and no file name: byte-identical output
+            stream = gzip.GzipFile(filename="", mode="wb", fileobj=self._file, mtime=0)
+        self._gz = stream if self.compress else None
+        self._tar = tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT)
+        self._side = {"keys": [], "labels": [], "exts": [], "offsets": [], "sizes": []}
+
+    def add(self, ext: str, data: bytes, label: int) -> None:
+        if self._tar is None:
+            self._open()
+        key = f"{self.n:08d}"
+        ti = _tarinfo(f"{key}.{ext}", len(data))
+        offset = self._tar.offset + len(ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+        self._tar.addfile(ti, io.BytesIO(data))
+        cls = str(label).encode("ascii")
+        self._tar.addfile(_tarinfo(f"{key}.cls", len(cls)), io.BytesIO(cls))
+        for k, v in zip(self._side, (key, label, ext, offset, len(data))):
+            self._side[k].append(v)
+        self.n += 1
+        if len(self._side["keys"]) == self.shard_size:
+            self.close()
+
+    def close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        if self._gz is not None:
+            self._gz.close()
+        self._file.close()
+        side_path = self._path.with_name(self._path.name.split(".")[0] + ".samples.json")
+        side_path.write_text(json.dumps(self._side, separators=(",", ":")))
+        self.shards.append({
+            "file": self._path.name, "samples_file": side_path.name,
+            "num_samples": len(self._side["keys"]), "sha256": _sha256(self._path),
+            "samples_sha256": _sha256(side_path), "bytes": self._path.stat().st_size,
+        })  # fmt: skip
+        self._tar = None
+
+
+class _Stats:
+    """Class counts per split, pixel sums over train (exact ints), image size range."""
+
+    def __init__(self, n_classes: int, channels: int):
+        self.counts: dict[str, list[int]] = {}
+        self.sums, self.sqsums, self.pixels = [0] * channels, [0] * channels, 0
+        self.hw_min, self.hw_max = [1 << 30, 1 << 30], [0, 0]
+        self.n_classes = n_classes
+
+    def add(self, split: str, label: int, hw: tuple, sums: tuple, sqsums: tuple) -> None:
+        self.counts.setdefault(split, [0] * self.n_classes)[label] += 1
+        self.hw_min = [min(a, b) for a, b in zip(self.hw_min, hw)]
+        self.hw_max = [max(a, b) for a, b in zip(self.hw_max, hw)]
+        if split == "train":
+            self.sums = [a + b for a, b in zip(self.sums, sums)]
+            self.sqsums = [a + b for a, b in zip(self.sqsums, sqsums)]
+            self.pixels += hw[0] * hw[1]
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        n = max(self.pixels, 1)
+        mean = [s / n / 255.0 for s in self.sums]
+        var = [max(q / n / 65025.0 - m * m, 0.0) for q, m in zip(self.sqsums, mean)]
+        return [round(m, 6) for m in mean], [round(float(np.sqrt(v)), 6) for v in var]
+
+
+def _skip(skipped: list, root: str, item: Item, split: str, reason: str, strict: bool) -> None:
+    path = os.path.relpath(item.path, root) if item.path else f"<{split} array>"
+    if strict:
+        raise UserError(f"--strict: {split} sample {path} unusable: {reason}")
+    skipped.append({"path": path, "split": split, "reason": reason})
+
+
+def _write_split(split, items, writer, encode, pool, ctx) -> None:
+    """Encode items in ordered blocks and stream them into `writer`."""
+    stats, skipped, seen, bar, src_root, strict = ctx
+    for start in range(0, len(items), BLOCK):
+        block = items[start : start + BLOCK]
+        chunk = max(1, min(64, len(block) // (4 * (pool._processes if pool else 1))))
+        results = pool.imap(encode, block, chunksize=chunk) if pool else map(encode, block)
+        for item, res in zip(block, results):
+            bar.update(1)
+            if res[0] == "skip":
+                _skip(skipped, src_root, item, split, res[1], strict)
+                continue
+            _, ext, data, label, hw, sums, sqsums, digest = res
+            if digest is not None and (label, digest) in seen:
+                dup = os.path.relpath(seen[(label, digest)], src_root)
+                _skip(skipped, src_root, item, split, f"duplicate of {dup}", strict)
+                continue
+            if digest is not None:
+                seen[(label, digest)] = item.path
+            writer.add(ext, data, label)
+            stats.add(split, label, hw, sums, sqsums)
+    writer.close()
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out_dir} is not empty; choose a new directory or pass --overwrite")
+        for p in out_dir.iterdir():
+            if p.name == "index.json" or p.name.endswith((".tar", ".tar.gz", ".samples.json")):
+                p.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _check_options(shard_size, val_fraction, fmt, channels, image_size) -> None:
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be >= 1, got {shard_size}")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if fmt not in ("auto", "npy", "png", "jpg"):
+        raise UserError(f"--format must be auto, npy, png or jpg, got {fmt!r}")
+    if channels not in (0, 1, 3):
+        raise UserError(f"--channels must be 0 (auto), 1 or 3, got {channels}")
+    if image_size < 0:
+        raise UserError(f"--image-size must be >= 0, got {image_size}")

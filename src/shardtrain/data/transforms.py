@@ -1,0 +1,167 @@
+"""Pure augmentation and normalisation; all randomness comes from an explicit torch.Generator.
+
+Two stages, so results never depend on which loader worker ran:
+1. per sample, in a loader worker, with `gen = sample_generator(seed, epoch, sample_id)`:
+       img = augment_sample(img, gen, out_size=32, resized_crop=0.35, rotation=0, color_jitter=0)
+       dy, dx, hflip, vflip = sample_crop_flip(gen, pad=4, hflip=True, vflip=False)
+   (eval: `img = resize_sample(img, out_size)`)
+2. per batch, vectorised, on CPU or GPU:
+       x = crop_flip_batch(x, offsets, hflips, vflips, pad=4)   # (B, C, H, W), dtype kept
+       x = normalize(x, mean, std, "standardize")              # float32
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+
+def sample_generator(seed: int, epoch: int, sample_id: int | str) -> torch.Generator:
+    """A CPU generator seeded by a hash of (seed, epoch, sample_id): same in every process."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{sample_id}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)  # 63 bits
+
+
+def uniform(gen: torch.Generator, low: float, high: float) -> float:
+    """One float uniform in [low, high) from gen."""
+    return low + (high - low) * torch.rand((), generator=gen).item()
+
+
+def randint(gen: torch.Generator, high: int) -> int:
+    """One int uniform in [0, high] (inclusive) from gen."""
+    return int(torch.randint(0, high + 1, (), generator=gen).item())
+
+
+def resized_crop_box(
+    gen: torch.Generator, height: int, width: int, min_scale: float
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) as torchvision's RandomResizedCrop.get_params, ratio 3/4..4/3, from gen."""
+    area = height * width
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        target_area = area * uniform(gen, min_scale, 1.0)
+        aspect = math.exp(uniform(gen, *log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return randint(gen, height - h), randint(gen, width - w), h, w
+    # fallback: the central crop with the ratio clamped to 3/4..4/3
+    ratio = min(max(width / height, 3 / 4), 4 / 3)
+    w, h = (width, round(width / ratio)) if width / height <= ratio else (
+        round(height * ratio), height)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resize_sample(img: torch.Tensor, out_size: int) -> torch.Tensor:
+    """(C, H, W) -> (C, out_size, out_size): shorter side resized (antialias), center crop."""
+    if img.shape[-2:] == (out_size, out_size):
+        return img
+    img = TF.resize(img, [out_size], antialias=True)
+    return TF.center_crop(img, [out_size, out_size])
+
+
+def color_jitter(img: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
+    """Brightness, contrast, then saturation (3 channels only), factors uniform in 1 +- strength."""
+    low, high = max(0.0, 1.0 - strength), 1.0 + strength
+    brightness, contrast, saturation = (uniform(gen, low, high) for _ in range(3))
+    img = TF.adjust_brightness(img, brightness)
+    img = TF.adjust_contrast(img, contrast)
+    if img.shape[-3] == 3:
+        img = TF.adjust_saturation(img, saturation)
+    return img
+
+
+def augment_sample(
+    img: torch.Tensor,
+    gen: torch.Generator,
+    *,
+    out_size: int,
+    resized_crop: float,
+    rotation: float,
+    color_jitter: float,
+) -> torch.Tensor:
+    """uint8 (C, H, W) -> uint8 (C, out_size, out_size): resized crop or resize, rotate, jitter.
+
+    Args:
+        resized_crop: min area scale of the random-resized crop (0 = plain resize_sample).
+        rotation: max degrees; the angle is uniform in +-rotation (bilinear, fill 0).
+        color_jitter: strength s of brightness/contrast/saturation factors in [1-s, 1+s].
+    """
+    if resized_crop > 0:
+        top, left, h, w = resized_crop_box(gen, img.shape[-2], img.shape[-1], resized_crop)
+        img = TF.resized_crop(img, top, left, h, w, [out_size, out_size], antialias=True)
+    else:
+        img = resize_sample(img, out_size)
+    if rotation > 0:
+        angle = uniform(gen, -rotation, rotation)
+        img = TF.rotate(img, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
+    if color_jitter > 0:
+        img = globals()["color_jitter"](img, gen, color_jitter)
+    return img
+
+
+def sample_crop_flip(
+    gen: torch.Generator, pad: int, hflip: bool, vflip: bool
+) -> tuple[int, int, bool, bool]:
+    """(dy, dx, hflip, vflip) for crop_flip_batch: offsets in [0, 2*pad], flips with p=0.5."""
+    u = torch.rand(4, generator=gen).tolist()  # always 4 draws: the stream does not depend on flags
+    dy = min(int(u[0] * (2 * pad + 1)), 2 * pad)
+    dx = min(int(u[1] * (2 * pad + 1)), 2 * pad)
+    return dy, dx, hflip and u[2] < 0.5, vflip and u[3] < 0.5
+
+
+def crop_flip_index(
+    offsets: torch.Tensor, flips: torch.Tensor, size: int, pad: int
+) -> torch.Tensor:
+    """(B, size) source indices of reflect-pad by `pad`, crop at `offsets`, flip where flagged."""
+    i = torch.arange(size, device=offsets.device)
+    i = torch.where(flips[:, None], size - 1 - i, i)  # (B, size) position in the crop
+    k = i + offsets[:, None] - pad  # index into the unpadded image, may be out of range
+    k = k.abs()  # reflect at 0: -1 -> 1 (F.pad "reflect" excludes the edge pixel)
+    return torch.where(k > size - 1, 2 * (size - 1) - k, k)  # reflect at size - 1
+
+
+def crop_flip_batch(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    hflips: torch.Tensor,
+    vflips: torch.Tensor,
+    pad: int,
+) -> torch.Tensor:
+    """Per sample: reflect-pad by `pad`, crop H x W at offsets (dy, dx), flip; dtype kept.
+
+    Vectorised as two gathers with reflected indices, so no padded copy is built and uint8
+    stays uint8 (F.pad's reflect mode needs float on some versions).
+    Args:
+        x: (B, C, H, W) images; offsets: (B, 2) long (dy, dx) in [0, 2*pad];
+        hflips, vflips: (B,) bool.
+    """
+    B, C, H, W = x.shape
+    if pad < 0 or pad >= min(H, W):
+        raise ValueError(f"pad must be in [0, {min(H, W) - 1}] for {H}x{W} images, got {pad}")
+    offsets = offsets.to(device=x.device, dtype=torch.long)
+    rows = crop_flip_index(offsets[:, 0], vflips.to(x.device, torch.bool), H, pad)  # (B, H)
+    cols = crop_flip_index(offsets[:, 1], hflips.to(x.device, torch.bool), W, pad)  # (B, W)
+    x = x.gather(2, rows[:, None, :, None].expand(B, C, H, W))
+    return x.gather(3, cols[:, None, None, :].expand(B, C, H, W))
+
+
+def normalize(
+    x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor,
+    scaling: str,
+) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32: standardize (x/255 - mean)/std | unit x/255 | none."""
+    if scaling == "none":
+        return x.float()
+    if scaling == "unit":
+        return x.float() / 255.0
+    if scaling != "standardize":
+        raise ValueError(f"unknown scaling {scaling!r}; choose from standardize, unit, none")
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return (x.float() / 255.0 - mean) / std

@@ -1,0 +1,74 @@
+"""Exact distributed evaluation: every sample counted once, one collective at the end.
+
+Rank r evaluates samples r, r+world, ... (plan.eval_ids) on the unwrapped model, so no DDP
+forward and no per-batch collective (ranks may hold one sample more or less than each other:
+a per-batch collective would hang). Sums are all-reduced once, confusion matrix included.
+
+BatchNorm running statistics drift apart across ranks during DDP training (each rank updates
+them from its own micro-batches); sync_bn_stats() averages them before eval and before saving,
+so every rank evaluates and saves the same model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from shardtrain.batch import BatchOptions, prepare_batch
+
+
+@torch.no_grad()
+def sync_bn_stats(model: torch.nn.Module, accelerator) -> None:
+    """Average BN running mean/var across ranks (no-op on one process)."""
+    if accelerator.num_processes == 1:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for buf in (module.running_mean, module.running_var):
+                buf.copy_(accelerator.reduce(buf.clone(), reduction="mean"))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, accelerator, opts: BatchOptions,
+             num_classes: int, transform=None) -> dict:
+    """Accuracy, top-5, mean loss, sample count and confusion matrix of one split, all ranks.
+
+    `transform(model, x) -> logits` replaces the plain forward (e.g. test-time augmentation).
+    """
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    k = min(5, num_classes)
+    for batch in loader:
+        if len(batch["labels"]) == 0:
+            continue
+        x, y = prepare_batch(batch, device, opts, train=False)
+        with accelerator.autocast():
+            logits = transform(model, x) if transform else model(x)
+        logits = logits.float()
+        topk = logits.topk(k, dim=1).indices  # (B, k)
+        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        sums[1] += (topk[:, 0] == y).sum()
+        sums[2] += (topk == y[:, None]).any(dim=1).sum()
+        sums[3] += len(y)
+        confusion.index_put_((y, topk[:, 0]), torch.ones_like(y, dtype=torch.float64),
+                             accumulate=True)
+    # note: the only collective of the whole evaluation (and a CPU-GPU sync point)
+    total = accelerator.reduce(torch.cat([sums, confusion.flatten()]), reduction="sum").cpu()
+    model.train(was_training)
+    return summarize(total[:4], total[4:].view(num_classes, num_classes))
+
+
+def summarize(sums: torch.Tensor, confusion: torch.Tensor) -> dict:
+    count = int(sums[3])
+    per_class = confusion.diagonal() / confusion.sum(dim=1).clamp(min=1)
+    return {
+        "acc": float(sums[1] / max(count, 1)),
+        "top5": float(sums[2] / max(count, 1)),
+        "loss": float(sums[0] / max(count, 1)),
+        "samples": count,
+        "per_class_acc": [round(float(a), 6) for a in per_class],
+        "confusion": confusion.long().tolist(),
+    }

@@ -1,0 +1,233 @@
+"""train(cfg): shards -> trained, evaluated model in RUN_DIR. The only module that knows about ranks.
+
+Run on one process:
+    shardtrain train --recipe fashion-mnist-resnet9 --data shards/fashion-mnist-12k --out runs/x
+On 2 CPU processes (see PITFALLS: plain `--cpu --num_processes 2` silently starts one):
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        --mixed_precision no --dynamo_backend no -m shardtrain train --recipe ... --data ...
+On all GPUs of a node: accelerate launch --config_file launch/gpus.yaml -m shardtrain train ...
+
+Reads top to bottom: setup -> data -> model -> optimizer/schedule -> resume -> prepare -> steps
+-> final eval -> end_training. Counting is in optimizer steps; the epoch plan (data/plan.py) gives
+every rank the same number of steps. On SIGUSR1/SIGTERM every rank finishes the current step,
+a checkpoint is written and the process exits with PREEMPTED_EXIT (75) for the job to requeue.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+
+from shardtrain import __version__
+from shardtrain.batch import BatchOptions
+from shardtrain.checkpoint import latest_checkpoint, load_checkpoint
+from shardtrain.config import Config, config_hash, save_config
+from shardtrain.data.index import index_hash, load_index, sample_table
+from shardtrain.data.plan import TrainPlan, check_batch_layout
+from shardtrain.errors import UserError
+from shardtrain.loop import PREEMPTED_EXIT, RESUMABLE_CHANGES, Loop, State
+from shardtrain.models import create_model
+from shardtrain.optim import make_optimizer, make_scheduler, param_groups
+from shardtrain.report import Reporter
+
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    if cfg.train.precision == "fp16" and not cuda:
+        raise UserError("train.precision=fp16 needs a CUDA GPU (on CPU it would silently train "
+                        "in fp32); use train.precision=bf16 or no")
+    accelerator = Accelerator(
+        cpu=not cuda, mixed_precision=cfg.train.precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with="wandb" if cfg.log.wandb else None,
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout)),
+            # a frozen transfer backbone produces no grads: DDP must not wait for them
+            DistributedDataParallelKwargs(find_unused_parameters=cfg.model.freeze_epochs > 0),
+        ])
+    expected = int(os.environ.get("WORLD_SIZE", 1))
+    if accelerator.num_processes != expected:
+        raise RuntimeError(f"accelerate started {accelerator.num_processes} process(es) but "
+                           f"WORLD_SIZE={expected}: check the launch flags (see launch/README.md)")
+    return accelerator
+
+
+@dataclass
+class Data:
+    """The dataset as the trainer sees it: index, tables, plan and batch options."""
+
+    index: object
+    train: object
+    val: object
+    test: object
+    plan: TrainPlan
+    image_size: int
+    batch_opts: BatchOptions
+
+
+def setup_data(cfg: Config, accelerator: Accelerator) -> Data:
+    if not cfg.data.path:
+        raise UserError("no dataset: pass --data DIR (a folder written by `shardtrain pack`)")
+    index = load_index(cfg.data.path)
+    train = sample_table(index, cfg.data.train_split)
+    val = sample_table(index, cfg.data.val_split) if has_split(index, cfg.data.val_split) else None
+    test = sample_table(index, cfg.data.test_split) if has_split(index, cfg.data.test_split) else None
+    try:
+        check_batch_layout(cfg.data.batch_size, accelerator.num_processes, cfg.train.grad_accum,
+                           len(train.label))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    plan = TrainPlan(tuple(s.num_samples for s in index.split(cfg.data.train_split).shards),
+                     cfg.data.batch_size, accelerator.num_processes, accelerator.process_index,
+                     cfg.train.grad_accum, cfg.train.seed, cfg.data.shuffle_window)
+    image_size = cfg.data.image_size or (max(index.image_size) if index.image_size else 0)
+    if not image_size:
+        raise UserError("images in this dataset vary in size: set data.image_size")
+    mean = torch.tensor(cfg.data.mean or index.mean, dtype=torch.float32)
+    std = torch.tensor(cfg.data.std or index.std, dtype=torch.float32)
+    opts = BatchOptions(mean, std, cfg.data.scaling, cfg.augment.pad_crop, cfg.model.channels_last)
+    return Data(index, train, val, test, plan, image_size, opts)
+
+
+def has_split(index, name: str) -> bool:
+    return bool(name) and name in index.splits
+
+
+def build_model(cfg: Config, index, image_size: int) -> tuple[torch.nn.Module, dict]:
+    """The model and the metadata that makes its weights file self-describing."""
+    kwargs = {k: v for k, v in asdict(cfg.model).items()
+              if k not in ("name", "freeze_epochs", "channels_last", "sync_bn")}
+    kwargs["image_size"] = image_size
+    try:
+        model = create_model(cfg.model.name, len(index.classes), index.channels, **kwargs)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        raise UserError(f"model.name={cfg.model.name}: {e}") from None
+    meta = {"model": cfg.model.name, "model_kwargs": kwargs, "classes": index.classes,
+            "channels": index.channels, "image_size": image_size,
+            "mean": list(cfg.data.mean or index.mean), "std": list(cfg.data.std or index.std),
+            "scaling": cfg.data.scaling, "shardtrain": __version__}
+    return model, meta
+
+
+def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = False) -> dict:
+    """Train `cfg` into out_dir; returns the final metrics (also in out_dir/final.json)."""
+    accelerator = make_accelerator(cfg)
+    data = setup_data(cfg, accelerator)
+    total_steps = resolve_total_steps(cfg, data.plan)
+    set_seed(cfg.train.seed)  # same initial weights on every rank
+    model, meta = build_model(cfg, data.index, data.image_size)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.model.sync_bn and torch.cuda.is_available():  # SyncBN on CPU raises inside DDP
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    o = cfg.optim
+    optimizer = make_optimizer(o.name, groups, o.max_lr, o.momentum, o.nesterov, tuple(o.betas))
+    # not passed to prepare(): a prepared scheduler steps num_processes times per step
+    scheduler = make_scheduler(optimizer, o.max_lr, total_steps, o.schedule, o.warmup_frac,
+                               o.div_factor, o.final_div_factor)
+    state, ckpt = State(), find_resume(resume, out_dir)
+    if ckpt:
+        state = restore(ckpt, cfg, data, model, optimizer, scheduler, accelerator, allow_changes)
+    torch.manual_seed(cfg.train.seed * 1000 + accelerator.process_index + 1 + state.step)
+    if ckpt and "rng" in ckpt:
+        restore_rng(ckpt, accelerator)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if ckpt and accelerator.scaler is not None and ckpt["optim"].get("scaler"):
+        accelerator.scaler.load_state_dict(ckpt["optim"]["scaler"])
+    reporter = Reporter(accelerator, out_dir, total_steps, state.step)
+    if accelerator.is_main_process:
+        save_config(cfg, out_dir / "config.yaml")
+    reporter.start_wandb(cfg, run_config(cfg, data, accelerator), state.wandb_id)
+    loop = Loop(cfg, accelerator, data, model, optimizer, scheduler, reporter, meta, out_dir)
+    preempted = loop.run(state, total_steps)
+    if preempted:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        raise SystemExit(PREEMPTED_EXIT)
+    return loop.finish(state)
+
+
+def resolve_total_steps(cfg: Config, plan: TrainPlan) -> int:
+    total = plan.steps_per_epoch * cfg.train.epochs
+    return cfg.train.max_steps if cfg.train.max_steps > 0 else total
+
+
+def run_config(cfg: Config, data: Data, accelerator: Accelerator) -> dict:
+    """The W&B config: resolved config plus what the run really ran on."""
+    import accelerate
+
+    nodes = int(os.environ.get("SHARDTRAIN_NUM_NODES", os.environ.get("SLURM_NNODES", 1)))
+    return {**asdict(cfg), "world_size": accelerator.num_processes,
+            "procs_per_node": accelerator.num_processes // max(nodes, 1),
+            "precision": cfg.train.precision, "index_hash": index_hash(cfg.data.path),
+            "classes": data.index.classes, "git_commit": git_commit(),
+            "torch": torch.__version__, "accelerate": accelerate.__version__,
+            "steps_per_epoch": data.plan.steps_per_epoch}
+
+
+def git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def find_resume(resume: str, out_dir: Path) -> dict | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        folder = latest_checkpoint(out_dir / "checkpoints")
+        return load_checkpoint(folder) if folder else None
+    path = Path(resume)
+    folder = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else path
+    if not folder or not (folder / "trainer.json").is_file():
+        raise UserError(f"--resume {resume}: no checkpoint there")
+    return load_checkpoint(folder)
+
+
+def restore(ckpt: dict, cfg: Config, data: Data, model, optimizer, scheduler, accelerator,
+            allow_changes: bool) -> State:
+    """Load a checkpoint into the (unprepared) model and optimizer, after compatibility checks."""
+    t = ckpt["trainer"]
+    problems = []
+    if t["index_hash"] != index_hash(cfg.data.path):
+        problems.append("the dataset index differs from the checkpoint's")
+    if t["config_hash"] != config_hash(cfg, RESUMABLE_CHANGES):
+        problems.append("the config differs from the checkpoint's (beyond epochs/logging)")
+    if ckpt["meta"].get("classes") != data.index.classes:
+        raise UserError("cannot resume: the dataset's classes differ from the checkpoint's")
+    if problems and not allow_changes:
+        raise UserError(f"cannot resume: {'; '.join(problems)} (--allow-changes to force)")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"cannot resume: model shape differs from the checkpoint's: "
+                        f"{str(e).splitlines()[0]}") from None
+    optimizer.load_state_dict(ckpt["optim"]["optimizer"])
+    scheduler.load_state_dict(ckpt["optim"]["scheduler"])
+    accelerator.print(f"resumed from step {t['step']} ({t['world_size']} -> "
+                      f"{accelerator.num_processes} processes)")
+    return State(**t["state"])
+
+
+def restore_rng(ckpt: dict, accelerator) -> None:
+    states = ckpt["rng"]
+    if len(states) == accelerator.num_processes:  # else: fresh per-rank seeds, not bitwise
+        mine = states[accelerator.process_index]
+        torch.set_rng_state(mine["cpu"])
+        if torch.cuda.is_available() and mine.get("cuda") is not None:
+            torch.cuda.set_rng_state(mine["cuda"])
+

@@ -1,0 +1,199 @@
+"""Read W&B offline runs back without a server: config, history, summary and media.
+
+Offline runs (`WANDB_MODE=offline`) write `wandb/offline-run-<time>-<id>/run-<id>.wandb` and media
+files, but no config.yaml or wandb-summary.json. The `.wandb` file is a leveldb-style record log
+of `wandb_internal_pb2.Record` protos; wandb 0.31 writes it from Go (wandb-core) and ships no
+Python reader (`wandb.sdk.internal.datastore` is gone), so the ~30-line framing reader is here.
+
+    run = read_offline_run("wandb/offline-run-20250101_120000-abc123")
+    run.config["optim"]["max_lr"], run.history[-1]["_step"], run.summary["val/acc"]
+
+A resumed run (`wandb.init(id=..., resume="allow")` offline) starts another
+`offline-run-*-<id>` folder (suffix `-1`, `-2` if the second matches) with its own `.wandb` file;
+`read_offline_runs_by_id(root, id)` merges them in start-time order.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shardtrain.errors import UserError
+
+# Framing (wandb-core's fork of goleveldb's record format, same as the old Python datastore):
+# a 7-byte file header "<4sHB" = (b":W&B", 0xBEE1, version 0), then 32 KiB blocks of chunks,
+# each with a 7-byte header "<IHB" = (crc, length, type). A record is one FULL chunk or
+# FIRST, MIDDLE..., LAST chunks. A block tail shorter than a chunk header is zero padding.
+# crc = zlib.crc32(data, seed=zlib.crc32(bytes([type]))), checked against 0.31's own files.
+HEADER = struct.Struct("<4sHB")
+CHUNK = struct.Struct("<IHB")
+BLOCK_LEN = 32768
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+MEDIA_TYPES = ("image-file", "table-file", "images/separated", "video-file", "audio-file", "html-file")
+
+
+@dataclass
+class OfflineRun:
+    run_id: str
+    project: str = ""
+    name: str = ""
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+    job_type: str = ""
+    config: dict = field(default_factory=dict)  # without W&B's internal "_wandb" key
+    history: list[dict] = field(default_factory=list)  # one dict per committed row, with "_step"
+    summary: dict = field(default_factory=dict)
+    media: list[dict] = field(default_factory=list)  # {"key", "step", "type", "path"} per item
+    start_time: float = 0.0  # seconds since the epoch
+    paths: list[Path] = field(default_factory=list)  # offline-run folders read, in order
+    exited: bool = False  # an exit record was written (the process called finish())
+
+
+def read_records(wandb_file: Path) -> list:
+    """All `Record` protos of one `.wandb` file; a torn tail (crashed writer) is dropped."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(wandb_file).read_bytes()
+    if len(data) < HEADER.size or HEADER.unpack_from(data)[:2] != (b":W&B", 0xBEE1):
+        raise UserError(f"{wandb_file} is not a W&B record log (bad header)")
+    records, pending, pos = [], None, HEADER.size
+    while pos + CHUNK.size <= len(data):
+        if BLOCK_LEN - pos % BLOCK_LEN < CHUNK.size:  # zero padding at a block's end
+            pos += BLOCK_LEN - pos % BLOCK_LEN
+            continue
+        crc, length, kind = CHUNK.unpack_from(data, pos)
+        chunk = data[pos + CHUNK.size : pos + CHUNK.size + length]
+        pos += CHUNK.size + length
+        if kind == 0 and length == 0:  # preallocated zeros after the last record
+            continue
+        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc:
+            break  # torn or corrupt tail: keep what was read so far
+        if kind == FULL:
+            pending, payload = None, chunk
+        elif kind == FIRST:
+            pending = chunk
+            continue
+        elif kind in (MIDDLE, LAST) and pending is not None:
+            pending += chunk
+            if kind == MIDDLE:
+                continue
+            payload, pending = pending, None
+        else:
+            break
+        record = pb.Record()
+        record.ParseFromString(payload)
+        records.append(record)
+    return records
+
+
+def find_offline_runs(root: Path) -> list[Path]:
+    """Offline run folders (holding a run-*.wandb) under `root`, oldest first."""
+    folders = {p.parent for p in Path(root).rglob("run-*.wandb") if p.parent.name.startswith("offline-run-")}
+    return sorted(folders, key=lambda p: (p.name.split("-")[2], p.name))
+
+
+def read_offline_run(run_path: Path) -> OfflineRun:
+    """One offline run folder (or its .wandb file) -> OfflineRun."""
+    run_path = Path(run_path)
+    files = [run_path] if run_path.is_file() else sorted(run_path.glob("run-*.wandb"))
+    if not files:
+        raise UserError(f"no run-*.wandb file in {run_path}")
+    run = OfflineRun(run_id="")
+    apply_records(run, read_records(files[0]), files[0].parent)
+    run.paths = [files[0].parent]
+    return run
+
+
+def read_offline_runs_by_id(root: Path, run_id: str) -> OfflineRun:
+    """Merge every offline segment of `run_id` under `root` (original + resumes), in start order.
+
+    A later segment wins for steps it logs again: a trainer resumed from a checkpoint re-logs the
+    steps after that checkpoint, so earlier rows from its first `_step` on are dropped.
+    """
+    folders = [p for p in find_offline_runs(root) if (p / f"run-{run_id}.wandb").is_file()]
+    if not folders:
+        raise UserError(f"no offline run with id {run_id!r} under {root}")
+    segments = sorted((read_offline_run(p) for p in folders), key=lambda r: (r.start_time, str(r.paths)))
+    merged = segments[0]
+    for seg in segments[1:]:
+        first = seg.history[0]["_step"] if seg.history else None
+        if first is not None:
+            merged.history = [r for r in merged.history if r["_step"] < first]
+            merged.media = [m for m in merged.media if m["step"] < first]
+        merged.history += seg.history
+        merged.media += seg.media
+        merged.config.update(seg.config)
+        merged.summary.update(seg.summary)
+        for name in ("project", "name", "group", "job_type"):
+            setattr(merged, name, getattr(seg, name) or getattr(merged, name))
+        merged.tags = seg.tags or merged.tags
+        merged.paths += seg.paths
+        merged.exited = seg.exited
+    return merged
+
+
+def apply_records(run: OfflineRun, records: list, folder: Path) -> None:
+    """Fold a record stream into `run` (updates and removes applied in file order)."""
+    for rec in records:
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            r = rec.run
+            run.run_id, run.project, run.name = r.run_id, r.project, r.display_name
+            run.group, run.job_type, run.tags = r.run_group, r.job_type, list(r.tags)
+            run.start_time = r.start_time.seconds + r.start_time.nanos / 1e9
+            apply_updates(run.config, r.config.update, r.config.remove)
+            apply_updates(run.summary, r.summary.update, r.summary.remove)
+        elif kind == "config":
+            apply_updates(run.config, rec.config.update, rec.config.remove)
+        elif kind == "summary":
+            apply_updates(run.summary, rec.summary.update, rec.summary.remove)
+        elif kind == "history":
+            row: dict = {}
+            apply_updates(row, rec.history.item, [])
+            row.setdefault("_step", rec.history.step.num)
+            run.history.append(row)
+            run.media += media_items(row, folder)
+        elif kind == "exit":
+            run.exited = True
+    run.config = {k: unwrap(v) for k, v in run.config.items() if k != "_wandb"}
+    for key in ("_wandb", "_runtime"):
+        run.summary.pop(key, None)
+
+
+def apply_updates(target: dict, updates, removes) -> None:
+    """Apply W&B `{key | nested_key: [...], value_json}` items to a nested dict."""
+    for item in updates:
+        keys = list(item.nested_key) or [item.key]
+        node = target
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = json.loads(item.value_json)
+    for item in removes:
+        keys = list(item.nested_key) or [item.key]
+        node = target
+        for k in keys[:-1]:
+            node = node.get(k, {})
+        node.pop(keys[-1], None)
+
+
+def unwrap(value):
+    """Config values in W&B's `{"value": v, "desc": ...}` file form -> v (others unchanged)."""
+    if isinstance(value, dict) and "value" in value and set(value) <= {"value", "desc"}:
+        return value["value"]
+    return value
+
+
+def media_items(row: dict, folder: Path) -> list[dict]:
+    """Images/tables/... referenced by a history row, with paths under the run's files/."""
+    out = []
+    for key, value in row.items():
+        if isinstance(value, dict) and value.get("_type") in MEDIA_TYPES:
+            path = value.get("path")
+            out.append({"key": key, "step": row["_step"], "type": value["_type"],
+                        "path": str(folder / "files" / path) if path else None})
+    return out

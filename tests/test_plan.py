@@ -1,0 +1,76 @@
+"""The epoch plan: equal steps per rank, no sample twice per epoch, exact eval, resumable."""
+
+import numpy as np
+import pytest
+
+from shardtrain.data.plan import TrainPlan, check_batch_layout, epoch_order, eval_ids
+
+UNEVEN = (20, 20, 20, 20, 10)  # 5 shards, 90 samples: webdataset gives ranks 7 vs 6 batches
+
+
+def plans(sizes, world, batch, accum=1, window=2, seed=0):
+    return [TrainPlan(sizes, batch, world, r, accum, seed, window) for r in range(world)]
+
+
+@pytest.mark.parametrize("window", [0, 1, 2, 5])
+def test_epoch_order_is_a_permutation_and_seeded(window):
+    order = epoch_order(UNEVEN, seed=3, epoch=1, window=window)
+    assert sorted(order.tolist()) == list(range(90))
+    assert np.array_equal(order, epoch_order(UNEVEN, seed=3, epoch=1, window=window))
+    assert not np.array_equal(order, epoch_order(UNEVEN, seed=3, epoch=2, window=window))
+
+
+def test_block_shuffle_touches_at_most_window_shards_at_a_time():
+    sizes = (20,) * 6
+    order = epoch_order(sizes, seed=0, epoch=0, window=2)
+    shard_of = order // 20
+    for w in range(3):  # each block of 40 samples comes from exactly two shards
+        assert len(set(shard_of[w * 40:(w + 1) * 40].tolist())) == 2
+
+
+@pytest.mark.parametrize("world,batch,accum", [(2, 8, 1), (2, 16, 2), (3, 12, 1), (4, 8, 1),
+                                                (8, 16, 1)])
+def test_equal_steps_and_no_repeats_on_uneven_shards(world, batch, accum):
+    ps = plans(UNEVEN, world, batch, accum)
+    micro = ps[0].micro_per_epoch
+    assert all(p.micro_per_epoch == micro for p in ps)  # same step count on every rank
+    seen = []
+    for p in ps:
+        for i in range(micro):
+            epoch, ids = p.micro_batch(i)
+            assert epoch == 0 and len(ids) == batch // (world * accum)
+            seen += ids.tolist()
+    assert len(seen) == len(set(seen)) == (90 // batch) * batch  # at most one batch dropped
+
+
+def test_fewer_shards_than_ranks_times_workers():
+    ps = plans((30, 30), world=4, batch=8)
+    assert all(p.steps_per_epoch == 7 for p in ps)
+    ids = np.concatenate([p.micro_batch(i)[1] for p in ps for i in range(7)])
+    assert len(set(ids.tolist())) == 56
+
+
+def test_optimizer_step_samples_do_not_depend_on_world_size():
+    """Resuming with another world size keeps the sample schedule of every step."""
+    def step_sets(world, accum):
+        ps = plans(UNEVEN, world, 16, accum)
+        steps = []
+        for s in range(ps[0].steps_per_epoch * 2):  # two epochs
+            ids = [p.micro_batch(s * accum + m)[1] for p in ps for m in range(accum)]
+            steps.append(sorted(np.concatenate(ids).tolist()))
+        return steps
+
+    assert step_sets(1, 1) == step_sets(2, 1) == step_sets(4, 1) == step_sets(2, 2)
+
+
+@pytest.mark.parametrize("n,world", [(33, 2), (33, 4), (5, 8), (100, 3)])
+def test_eval_counts_every_sample_exactly_once(n, world):
+    ids = np.concatenate([eval_ids(n, world, r) for r in range(world)])
+    assert sorted(ids.tolist()) == list(range(n))
+
+
+def test_bad_layouts_are_explained():
+    with pytest.raises(ValueError, match="not divisible"):
+        check_batch_layout(10, 4, 1, 100)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        check_batch_layout(64, 2, 1, 40)
