@@ -52,7 +52,7 @@ def make_optimizer(
     nesterov: bool = True,
     betas: Sequence[float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
-    """adam (L2 weight decay added to the gradient, as the tutorials use), adamw (decoupled), sgd."""
+    """adam (L2 weight decay added to the gradient, as in the tutorials), adamw (decoupled), sgd."""
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, betas=tuple(betas))
     if name == "adamw":

@@ -65,7 +65,7 @@ def resize_sample(img: torch.Tensor, out_size: int) -> torch.Tensor:
     return TF.center_crop(img, [out_size, out_size])
 
 
-def color_jitter(img: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
+def jitter_colors(img: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
     """Brightness, contrast, then saturation (3 channels only), factors uniform in 1 +- strength."""
     low, high = max(0.0, 1.0 - strength), 1.0 + strength
     brightness, contrast, saturation = (uniform(gen, low, high) for _ in range(3))
@@ -101,7 +101,7 @@ def augment_sample(
         angle = uniform(gen, -rotation, rotation)
         img = TF.rotate(img, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
     if color_jitter > 0:
-        img = globals()["color_jitter"](img, gen, color_jitter)
+        img = jitter_colors(img, gen, color_jitter)
     return img
 
 

@@ -1,4 +1,4 @@
-"""Model registry: `create_model(name, num_classes, in_chans, **model_cfg)` builds any registered model.
+"""Model registry: `create_model(name, num_classes, in_chans, **model_cfg)` builds any model.
 
     model = create_model("resnet9", num_classes=10, in_chans=1, widths=[32, 64, 128, 256])
 

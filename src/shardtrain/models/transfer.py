@@ -92,7 +92,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file  # optional dependency, only for this format
 
-        return load_file(str(path), device="cpu")
+        return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):  # checkpoints that wrap the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):

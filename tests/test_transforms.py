@@ -1,0 +1,108 @@
+"""Augmentation: determinism, the vectorised crop/flip against a naive reference, normalize."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shardtrain.data.transforms import (augment_sample, crop_flip_batch, normalize,
+                                        resize_sample, sample_crop_flip, sample_generator)
+
+
+def rand_u8(*shape, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+
+
+def naive_crop_flip(x, offsets, hflips, vflips, pad):
+    out = []
+    for img, (dy, dx), hf, vf in zip(x, offsets.tolist(), hflips.tolist(), vflips.tolist()):
+        padded = F.pad(img[None].double(), (pad, pad, pad, pad), mode="reflect")[0]
+        crop = padded[:, dy:dy + x.shape[2], dx:dx + x.shape[3]]
+        crop = crop.flip(-1) if hf else crop
+        crop = crop.flip(-2) if vf else crop
+        out.append(crop.to(x.dtype))
+    return torch.stack(out)
+
+
+def test_sample_generator_deterministic_and_mixed():
+    a = torch.rand(3, generator=sample_generator(1, 2, 3))
+    assert torch.equal(a, torch.rand(3, generator=sample_generator(1, 2, 3)))
+    others = [sample_generator(*k).initial_seed() for k in [(1, 2, 4), (1, 3, 3), (2, 2, 3)]]
+    assert len({sample_generator(1, 2, 3).initial_seed(), *others}) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("pad,hw", [(4, (32, 32)), (2, (7, 5)), (1, (28, 28))])
+def test_crop_flip_batch_matches_naive(dtype, pad, hw):
+    B, C = 6, 3
+    x = rand_u8(B, C, *hw).to(dtype)
+    gens = [sample_generator(0, 0, i) for i in range(B)]
+    params = [sample_crop_flip(g, pad, hflip=True, vflip=True) for g in gens]
+    offsets = torch.tensor([p[:2] for p in params])
+    hflips = torch.tensor([p[2] for p in params])
+    vflips = torch.tensor([p[3] for p in params])
+    out = crop_flip_batch(x, offsets, hflips, vflips, pad)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(out, naive_crop_flip(x, offsets, hflips, vflips, pad))
+
+
+def test_crop_flip_all_offsets_and_edge_cases():
+    x = rand_u8(1, 1, 6, 6)
+    pad = 3
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            off = torch.tensor([[dy, dx]])
+            f = torch.tensor([dy % 2 == 0])
+            assert torch.equal(crop_flip_batch(x, off, f, ~f, pad),
+                               naive_crop_flip(x, off, f, ~f, pad))
+    no = torch.zeros(4, dtype=torch.bool)
+    x4 = rand_u8(4, 2, 5, 5)
+    assert torch.equal(crop_flip_batch(x4, torch.zeros(4, 2, dtype=torch.long), no, no, 0), x4)
+    with pytest.raises(ValueError):
+        crop_flip_batch(x4, torch.zeros(4, 2, dtype=torch.long), no, no, 5)
+
+
+def test_sample_crop_flip_ranges():
+    draws = [sample_crop_flip(sample_generator(0, 1, i), 2, True, False) for i in range(200)]
+    assert {d[0] for d in draws} == set(range(5)) == {d[1] for d in draws}
+    assert {d[2] for d in draws} == {True, False} and {d[3] for d in draws} == {False}
+    assert sample_crop_flip(sample_generator(0, 0, 0), 0, False, False) == (0, 0, False, False)
+
+
+def test_normalize_closed_form():
+    x = rand_u8(2, 3, 4, 4)
+    mean, std = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5, 0.25, 2.0])
+    out = normalize(x, mean, std, "standardize")
+    ref = (x.double() / 255 - mean.double().view(3, 1, 1)) / std.double().view(3, 1, 1)
+    assert out.dtype == torch.float32 and torch.allclose(out.double(), ref, atol=1e-6)
+    assert torch.allclose(normalize(x, [0.0] * 3, [1.0] * 3, "unit"), x.float() / 255)
+    assert torch.equal(normalize(x, mean, std, "none"), x.float())
+    with pytest.raises(ValueError):
+        normalize(x, mean, std, "zscore")
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 24), (1, 20, 36), (3, 16, 16)])
+@pytest.mark.parametrize("kw", [dict(resized_crop=0.35, rotation=15.0, color_jitter=0.4),
+                                dict(resized_crop=0.0, rotation=0.0, color_jitter=0.0)])
+def test_augment_sample_shapes_and_determinism(shape, kw):
+    img = rand_u8(*shape)
+    out = augment_sample(img, sample_generator(0, 0, 7), out_size=16, **kw)
+    assert out.shape == (shape[0], 16, 16) and out.dtype == torch.uint8
+    again = augment_sample(img, sample_generator(0, 0, 7), out_size=16, **kw)
+    assert torch.equal(out, again)
+
+
+def test_identity_and_resize_paths():
+    img = rand_u8(3, 16, 16)
+    gen = sample_generator(0, 0, 0)
+    state = gen.get_state()
+    out = augment_sample(img, gen, out_size=16, resized_crop=0, rotation=0, color_jitter=0)
+    assert out is img and torch.equal(gen.get_state(), state)  # no draws, no copy
+    assert resize_sample(img, 16) is img
+    rect = resize_sample(rand_u8(1, 30, 10), 8)
+    assert rect.shape == (1, 8, 8)
+    const = torch.full((3, 20, 20), 77, dtype=torch.uint8)
+    assert (resize_sample(const, 8) == 77).all()
+    rotated = augment_sample(const, gen, out_size=20, resized_crop=0, rotation=10, color_jitter=0)
+    assert rotated[:, 10, 10].tolist() == [77, 77, 77]  # center unchanged, corners filled
+    assert (rotated[:, 0, 0] == 0).all()
