@@ -13,7 +13,6 @@ A user mistake (UserError) prints one line on stderr and exits 2 (corrupt data: 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,7 +28,8 @@ def add_pack(sub) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of train carved out as val when the source has no val split")
-    p.add_argument("--limit", type=int, default=0, help="max samples per split (stratified)")
+    p.add_argument("--limit", default="0",
+                   help="max samples per split, stratified: N, or N,test=M (per-split caps)")
     p.add_argument("--workers", type=int, default=0, help="encoder processes (0 = all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", default="auto", choices=["auto", "npy", "png", "jpg"])

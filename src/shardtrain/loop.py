@@ -235,6 +235,17 @@ class Loop:
                             trainer=trainer, keep=self.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()
 
+    @torch.no_grad()
+    def ranks_identical(self) -> bool:
+        """Whether every rank ends with bit-identical weights and buffers (a DDP sanity check)."""
+        if self.accelerator.num_processes == 1:
+            return True
+        state = self.accelerator.unwrap_model(self.model).state_dict()
+        fingerprint = torch.stack([v.double().sum() + v.double().abs().sum()
+                                   for v in state.values() if v.is_floating_point()])
+        everyone = self.accelerator.gather(fingerprint[None])  # (world, n)
+        return bool((everyone == everyone[0]).all())
+
     # ---- the end ------------------------------------------------------------------------------
     def finish(self, state: State) -> dict:
         acc = self.accelerator
@@ -244,6 +255,7 @@ class Loop:
         if acc.is_main_process:
             save_weights(self.out_dir / "model.safetensors", self.model_state(), self.meta)
         final = final_metrics(state, val, test, acc.num_processes, self.out_dir, self.data.plan)
+        final["ranks_identical"] = self.ranks_identical()
         self.reporter.finish(final)
         if acc.is_main_process:
             write_eval_files(self.out_dir, val, test, self.data.index.classes, self.cfg.log.plots)

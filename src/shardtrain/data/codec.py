@@ -91,13 +91,11 @@ def decode_image(data: bytes, ext: str, channels: int) -> torch.Tensor:
         except Exception as e:
             raise ValueError(f"cannot decode npy: {e}") from None
         arr = _array_to_channels(arr, channels)
-    elif ext in ("png", "jpg", "jpeg"):
+    else:  # png, jpg or any file PIL recognises by its content
         arr = np.asarray(to_mode(_open_checked(data), channels))
-    else:
-        raise ValueError(f"unknown image extension {ext!r}")
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (C, H, W)
+    return torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C"))  # (C, H, W), writable
 
 
 def _resize(img: Image.Image, size: int) -> Image.Image:

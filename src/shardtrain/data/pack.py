@@ -118,7 +118,12 @@ class _ShardWriter:
     """Writes one split's shards, `shard_size` samples each, and their sidecars."""
 
     def __init__(self, out_dir: Path, split: str, shard_size: int, compress: bool):
-        self.out_dir, self.split, self.shard_size, self.compress = out_dir, split, shard_size, compress
+        self.out_dir, self.split, self.shard_size, self.compress = (
+            out_dir,
+            split,
+            shard_size,
+            compress,
+        )
         self.shards: list[dict] = []
         self.n = 0
         self._tar = None
@@ -142,7 +147,7 @@ class _ShardWriter:
         self._tar.addfile(ti, io.BytesIO(data))
         cls = str(label).encode("ascii")
         self._tar.addfile(_tarinfo(f"{key}.cls", len(cls)), io.BytesIO(cls))
-        for k, v in zip(self._side, (key, label, ext, offset, len(data))):
+        for k, v in zip(self._side, (key, label, ext, offset, len(data)), strict=True):
             self._side[k].append(v)
         self.n += 1
         if len(self._side["keys"]) == self.shard_size:
@@ -164,6 +169,17 @@ class _ShardWriter:
         })  # fmt: skip
         self._tar = None
 
+    def abort(self) -> None:
+        """Remove everything this writer wrote (a failed pack leaves no half dataset)."""
+        if self._tar is not None:
+            self._file.close()
+            self._path.unlink(missing_ok=True)
+            self._tar = None
+        for s in self.shards:
+            for key in ("file", "samples_file"):
+                (self.out_dir / s[key]).unlink(missing_ok=True)
+        self.shards = []
+
 
 class _Stats:
     """Class counts per split, pixel sums over train (exact ints), image size range."""
@@ -176,17 +192,17 @@ class _Stats:
 
     def add(self, split: str, label: int, hw: tuple, sums: tuple, sqsums: tuple) -> None:
         self.counts.setdefault(split, [0] * self.n_classes)[label] += 1
-        self.hw_min = [min(a, b) for a, b in zip(self.hw_min, hw)]
-        self.hw_max = [max(a, b) for a, b in zip(self.hw_max, hw)]
+        self.hw_min = [min(a, b) for a, b in zip(self.hw_min, hw, strict=True)]
+        self.hw_max = [max(a, b) for a, b in zip(self.hw_max, hw, strict=True)]
         if split == "train":
-            self.sums = [a + b for a, b in zip(self.sums, sums)]
-            self.sqsums = [a + b for a, b in zip(self.sqsums, sqsums)]
+            self.sums = [a + b for a, b in zip(self.sums, sums, strict=True)]
+            self.sqsums = [a + b for a, b in zip(self.sqsums, sqsums, strict=True)]
             self.pixels += hw[0] * hw[1]
 
     def mean_std(self) -> tuple[list[float], list[float]]:
         n = max(self.pixels, 1)
         mean = [s / n / 255.0 for s in self.sums]
-        var = [max(q / n / 65025.0 - m * m, 0.0) for q, m in zip(self.sqsums, mean)]
+        var = [max(q / n / 65025.0 - m * m, 0.0) for q, m in zip(self.sqsums, mean, strict=True)]
         return [round(m, 6) for m in mean], [round(float(np.sqrt(v)), 6) for v in var]
 
 
@@ -204,7 +220,7 @@ def _write_split(split, items, writer, encode, pool, ctx) -> None:
         block = items[start : start + BLOCK]
         chunk = max(1, min(64, len(block) // (4 * (pool._processes if pool else 1))))
         results = pool.imap(encode, block, chunksize=chunk) if pool else map(encode, block)
-        for item, res in zip(block, results):
+        for item, res in zip(block, results, strict=True):
             bar.update(1)
             if res[0] == "skip":
                 _skip(skipped, src_root, item, split, res[1], strict)
@@ -244,3 +260,96 @@ def _check_options(shard_size, val_fraction, fmt, channels, image_size) -> None:
         raise UserError(f"--channels must be 0 (auto), 1 or 3, got {channels}")
     if image_size < 0:
         raise UserError(f"--image-size must be >= 0, got {image_size}")
+
+
+def _summary(index: dict, out_dir: Path) -> str:
+    splits = index["splits"]
+    shards = [s for sp in splits.values() for s in sp["shards"]]
+    total = sum(sp["num_samples"] for sp in splits.values())
+    parts = ", ".join(f"{k} {v['num_samples']}" for k, v in splits.items())
+    mb = sum(s["bytes"] for s in shards) / 1e6
+    return (f"packed {total} samples ({parts}) in {len(shards)} shards, {mb:.1f} MB, "
+            f"{index['num_skipped']} skipped -> {out_dir}")  # fmt: skip
+
+
+def _make_index(out_dir, src, channels, stats, writers, skipped, options) -> dict:
+    mean, std = stats.mean_std()
+    return {
+        "format_version": 1, "name": out_dir.resolve().name, "classes": list(src.classes),
+        "channels": channels,
+        "image_size": stats.hw_min if stats.hw_min == stats.hw_max else None,
+        "image_size_range": {"min": stats.hw_min, "max": stats.hw_max},
+        "mean": mean, "std": std,
+        "splits": {s: {"num_samples": w.n, "class_counts": stats.counts[s], "shards": w.shards}
+                   for s, w in writers.items() if w.n},
+        "skipped": skipped, "num_skipped": len(skipped),
+        "source": {"kind": src.kind, "path": src.path},
+        "pack_options": options,
+        "created_by": f"shardtrain {__version__}",
+    }  # fmt: skip
+
+
+def write_shards(
+    source: str,
+    out_dir: str | Path,
+    *,
+    shard_size: int = 1000,
+    val_fraction: float = 0.1,
+    limit: int | str | dict = 0,
+    workers: int = 0,
+    seed: int = 0,
+    fmt: str = "auto",
+    compress: bool = False,
+    image_size: int = 0,
+    channels: int = 0,
+    classes: list[str] | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Pack SOURCE into shards in OUT_DIR and return the index written to index.json.
+
+    Args:
+        limit: max samples per split (stratified), 0 = all; "train=N,test=M" sets splits apart.
+        workers: encoder processes, 0 = os.cpu_count(), 1 = in this process.
+        image_size: resize the shorter side and centre-crop to this square, 0 = keep.
+        channels: 1 or 3; 0 = the source's own (1 for gray IDX, 3 otherwise).
+    """
+    _check_options(shard_size, val_fraction, fmt, channels, image_size)
+    out_dir = Path(out_dir)
+    src = open_source(str(source), classes)
+    channels = channels or src.channels
+    splits = plan_splits(src.splits, limit, val_fraction, seed)
+    if strict and src.skipped:
+        s = src.skipped[0]
+        raise UserError(f"--strict: {s['split']} {s['path']} unusable: {s['reason']}")
+    _prepare_out_dir(out_dir, overwrite)
+    stats, skipped = _Stats(len(src.classes), channels), list(src.skipped)
+    encode = partial(_encode_one, channels=channels, fmt=fmt, image_size=image_size)
+    n_workers = min(workers or os.cpu_count() or 1, max(1, sum(map(len, splits.values())) // 16))
+    bar = tqdm(total=sum(map(len, splits.values())), file=sys.stderr, disable=not progress,
+               unit="img", desc="pack")  # fmt: skip
+    writers = {s: _ShardWriter(out_dir, s, shard_size, compress) for s in splits}
+    ctx = (stats, skipped, {}, bar, src.path, strict)
+    pool = multiprocessing.Pool(n_workers) if n_workers > 1 else None
+    try:
+        for split, items in splits.items():
+            _write_split(split, items, writers[split], encode, pool, ctx)
+        if not (writers.get("train") and writers["train"].n):
+            example = skipped[-1]["reason"] if skipped else "no samples"
+            raise UserError(f"nothing usable in {source}: no train sample left ({example})")
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    options = {"shard_size": shard_size, "val_fraction": val_fraction, "limit": limit,
+               "seed": seed, "format": fmt, "compress": compress, "image_size": image_size,
+               "channels": channels}  # fmt: skip
+    index = _make_index(out_dir, src, channels, stats, writers, skipped, options)
+    (out_dir / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    print(_summary(index, out_dir))
+    return index

@@ -79,7 +79,10 @@ def _find(root: Path, stem: str) -> Path | None:
 def _read_idx_dir(root: Path, classes: list[str] | None) -> Source:
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        img_p, lab_p = _find(root, f"{prefix}-images-idx3-ubyte"), _find(root, f"{prefix}-labels-idx1-ubyte")
+        img_p, lab_p = (
+            _find(root, f"{prefix}-images-idx3-ubyte"),
+            _find(root, f"{prefix}-labels-idx1-ubyte"),
+        )
         if img_p is None or lab_p is None:
             if split == "train":
                 raise UserError(f"{root}: IDX train images/labels file missing")
@@ -102,6 +105,7 @@ _NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # protocol-2 pickles from Python 3 store bytes this way; data only
 }  # fmt: skip
 
 
@@ -138,7 +142,11 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _cifar_root(root: Path) -> Path | None:
     for cand in (root, root / "cifar-10-batches-py", root / "cifar-100-python"):
-        if (cand / "data_batch_1").is_file() or (cand / "meta").is_file() and (cand / "train").is_file():
+        if (
+            (cand / "data_batch_1").is_file()
+            or (cand / "meta").is_file()
+            and (cand / "train").is_file()
+        ):
             return cand
     return None
 
@@ -148,9 +156,17 @@ def _read_cifar(root: Path, classes: list[str] | None) -> Source:
         train_files = sorted(root.glob("data_batch_[0-9]*"))
         test_file, meta, key = root / "test_batch", root / "batches.meta", "label_names"
     else:
-        train_files, test_file, meta, key = [root / "train"], root / "test", root / "meta", "fine_label_names"
+        train_files, test_file, meta, key = (
+            [root / "train"],
+            root / "test",
+            root / "meta",
+            "fine_label_names",
+        )
     splits = {}
-    for split, files in (("train", train_files), ("test", [test_file] if test_file.is_file() else [])):
+    for split, files in (
+        ("train", train_files),
+        ("test", [test_file] if test_file.is_file() else []),
+    ):
         if files:
             parts = [_cifar_batch(p) for p in files]
             splits[split] = _array_items(np.concatenate([p[0] for p in parts]),
@@ -165,19 +181,35 @@ def _read_cifar(root: Path, classes: list[str] | None) -> Source:
 # --- torchvision ----------------------------------------------------------------------------
 
 
+def _extract_cached_gz(raw: Path) -> None:
+    """Unpack raw/*.gz copied in by hand (e.g. from a distro package) so torchvision finds the
+    files without downloading; its md5 check would reject re-compressed .gz files."""
+    for gz in sorted(raw.glob("*.gz")) if raw.is_dir() else []:
+        target = gz.with_suffix("")
+        if not target.exists():
+            tmp = target.with_name(target.name + ".part")
+            tmp.write_bytes(gzip.decompress(gz.read_bytes()))
+            tmp.replace(target)
+
+
 def _read_torchvision(name: str, classes: list[str] | None) -> Source:
     import torchvision.datasets as tvd  # heavy import: only when asked for
 
     cls = getattr(tvd, name, None)
     if cls is None:
         raise UserError(f"torchvision has no dataset {name!r}")
-    cache = Path(os.environ.get("SHARDTRAIN_CACHE") or Path.home() / ".cache/shardtrain/torchvision")
+    cache = Path(
+        os.environ.get("SHARDTRAIN_CACHE") or Path.home() / ".cache/shardtrain/torchvision"
+    )
+    _extract_cached_gz(cache / name / "raw")
     splits, names = {}, None
     for split, train in (("train", True), ("test", False)):
         try:
             ds = cls(root=str(cache), train=train, download=True)
         except TypeError:
-            raise UserError(f"torchvision:{name}: only datasets with a train= argument are supported")
+            raise UserError(
+                f"torchvision:{name}: only datasets with a train= argument are supported"
+            ) from None
         except Exception as e:
             raise UserError(f"torchvision:{name} is not in the cache {cache} and download failed "
                             f"(offline?): {e}") from None  # fmt: skip
@@ -212,7 +244,9 @@ def _list_files(root: Path, cdir: Path, split: str, skipped: list[dict]) -> list
             p = Path(dirpath) / name
             rel = str(p.relative_to(root))
             if p.is_symlink() and not p.resolve().is_relative_to(real_root):
-                skipped.append({"path": rel, "split": split, "reason": "symlink leaves source root"})
+                skipped.append(
+                    {"path": rel, "split": split, "reason": "symlink leaves source root"}
+                )
             elif not p.is_file():
                 skipped.append({"path": rel, "split": split, "reason": "not a regular file"})
             elif p.stat().st_size == 0:

@@ -1,0 +1,326 @@
+"""Read packed shards: load/validate index.json, sample tables, offset reads, info and verify.
+
+    from shardtrain.data.index import load_index, sample_table, ShardReader
+    index = load_index("shards/fashion-mnist-12k")
+    table = sample_table(index, "train")          # DataError now if a shard is missing/short
+    reader = ShardReader(table.shard_paths)
+    data = reader.read(table.shard[0], table.offset[0], table.size[0])   # image member bytes
+CLI: `shardtrain info DIR`, `shardtrain verify DIR`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from shardtrain.data.codec import decode_image
+from shardtrain.errors import DataError, UserError
+
+
+@dataclass
+class SplitInfo:
+    name: str
+    num_samples: int
+    class_counts: list[int]
+    shards: list[dict]  # file, samples_file, num_samples, sha256, samples_sha256, bytes
+
+
+@dataclass
+class Index:
+    root: Path
+    name: str
+    classes: list[str]
+    channels: int
+    image_size: tuple[int, int] | None
+    mean: list[float]
+    std: list[float]
+    splits: dict[str, SplitInfo]
+    raw: dict
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise UserError(
+                f"split {name!r} not in {self.root}; available: {', '.join(self.splits)}"
+            )
+        return self.splits[name]
+
+
+def index_hash(dir: str | Path) -> str:
+    """sha256 of index.json's bytes: identifies a packed dataset version."""
+    return hashlib.sha256((Path(dir) / "index.json").read_bytes()).hexdigest()
+
+
+def _check_split(root: Path, name: str, sp: dict, n_classes: int) -> SplitInfo:
+    shards = sp["shards"]
+    for s in shards:
+        for key in ("file", "samples_file"):
+            if Path(s[key]).name != s[key] or s[key].startswith("."):
+                raise DataError(f"{root}/index.json: bad shard file name {s[key]!r}")
+    if sum(s["num_samples"] for s in shards) != sp["num_samples"]:
+        raise DataError(f"{root}/index.json: split {name}: shard counts do not sum to num_samples")
+    if len(sp["class_counts"]) != n_classes or sum(sp["class_counts"]) != sp["num_samples"]:
+        raise DataError(f"{root}/index.json: split {name}: class_counts do not match")
+    return SplitInfo(name, int(sp["num_samples"]), list(sp["class_counts"]), list(shards))
+
+
+def load_index(dir: str | Path) -> Index:
+    """Load and validate DIR/index.json (UserError/DataError with a one-line reason)."""
+    root = Path(dir)
+    path = root / "index.json"
+    if not path.is_file():
+        raise UserError(f"no index.json in {root}: pack a dataset first with `shardtrain pack`")
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format_version") != 1:
+            raise DataError(f"{path}: unsupported format_version {raw.get('format_version')!r}")
+        classes, size = list(raw["classes"]), raw["image_size"]
+        splits = {k: _check_split(root, k, v, len(classes)) for k, v in raw["splits"].items()}
+        if "train" not in splits or raw["channels"] not in (1, 3):
+            raise DataError(f"{path}: no train split or bad channels")
+        return Index(root, raw["name"], classes, raw["channels"], tuple(size) if size else None,
+                     list(raw["mean"]), list(raw["std"]), splits, raw)  # fmt: skip
+    except DataError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path}: invalid index ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class SampleTable:
+    """Per-sample arrays indexed by sample_id (position in the split)."""
+
+    shard: np.ndarray  # int32, index into shard_paths
+    offset: np.ndarray  # int64, byte offset of the image member's data in the uncompressed tar
+    size: np.ndarray  # int64
+    ext: list[str]
+    label: np.ndarray  # int64
+    shard_paths: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_sidecar(root: Path, s: dict, first_id: int, n_classes: int) -> dict:
+    side_path, shard_path = root / s["samples_file"], root / s["file"]
+    for p in (shard_path, side_path):
+        if not p.is_file():
+            raise DataError(f"{p.name}: missing from {root}")
+    if shard_path.stat().st_size != s["bytes"]:
+        raise DataError(f"{s['file']}: size {shard_path.stat().st_size} != {s['bytes']} bytes "
+                        f"in index.json (truncated or replaced?)")  # fmt: skip
+    data = side_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != s["samples_sha256"]:
+        raise DataError(f"{s['samples_file']}: sha256 mismatch with index.json")
+    side = json.loads(data)
+    n = s["num_samples"]
+    if any(len(side[k]) != n for k in ("keys", "labels", "exts", "offsets", "sizes")):
+        raise DataError(f"{s['samples_file']}: expected {n} entries")
+    if side["keys"] != [f"{first_id + i:08d}" for i in range(n)]:
+        raise DataError(f"{s['samples_file']}: keys are not consecutive sample ids")
+    if any(not 0 <= y < n_classes for y in side["labels"]):
+        raise DataError(f"{s['samples_file']}: label out of range")
+    return side
+
+
+def sample_table(index: Index, split: str, check_checksums: bool = False) -> SampleTable:
+    """Sample arrays of one split; DataError naming the first missing/mismatched file."""
+    info = index.split(split)
+    cols: dict[str, list] = {"shard": [], "offset": [], "size": [], "ext": [], "label": []}
+    for i, s in enumerate(info.shards):
+        side = _load_sidecar(index.root, s, len(cols["label"]), len(index.classes))
+        if check_checksums and _sha256(index.root / s["file"]) != s["sha256"]:
+            raise DataError(f"{s['file']}: sha256 mismatch with index.json (corrupt shard)")
+        cols["shard"] += [i] * s["num_samples"]
+        for col, key in (
+            ("offset", "offsets"),
+            ("size", "sizes"),
+            ("ext", "exts"),
+            ("label", "labels"),
+        ):
+            cols[col] += side[key]
+    return SampleTable(
+        np.asarray(cols["shard"], np.int32), np.asarray(cols["offset"], np.int64),
+        np.asarray(cols["size"], np.int64), cols["ext"], np.asarray(cols["label"], np.int64),
+        [index.root / s["file"] for s in info.shards],
+    )  # fmt: skip
+
+
+class ShardReader:
+    """Reads image members by (shard, offset, size). Opens files lazily, per process.
+
+    Plain .tar shards: one kept-open handle per shard, seek + read. .tar.gz shards are
+    decompressed whole into memory, the `cache_shards` most recent kept (LRU).
+    """
+
+    def __init__(self, paths: list[Path], cache_shards: int = 4):
+        self.paths, self.cache_shards = [Path(p) for p in paths], cache_shards
+        self._pid, self._files, self._cache = None, {}, OrderedDict()
+
+    def __getstate__(self) -> dict:  # handles never cross a process boundary
+        return {"paths": self.paths, "cache_shards": self.cache_shards}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["paths"], state["cache_shards"])
+
+    def _reset_if_forked(self) -> None:
+        if self._pid != os.getpid():  # a forked DataLoader worker must not share file offsets
+            self._pid, self._files, self._cache = os.getpid(), {}, OrderedDict()
+
+    def _gz_bytes(self, shard: int) -> bytes:
+        if shard in self._cache:
+            self._cache.move_to_end(shard)
+            return self._cache[shard]
+        try:
+            data = gzip.decompress(self.paths[shard].read_bytes())
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"{self.paths[shard].name}: cannot decompress: {e}") from None
+        self._cache[shard] = data
+        while len(self._cache) > self.cache_shards:
+            self._cache.popitem(last=False)
+        return data
+
+    def read(self, shard: int, offset: int, size: int) -> bytes:
+        """The `size` bytes at `offset` of the shard's uncompressed tar stream."""
+        self._reset_if_forked()
+        path = self.paths[shard]
+        if path.name.endswith(".gz"):
+            data = self._gz_bytes(shard)[offset : offset + size]
+        else:
+            f = self._files.get(shard)
+            if f is None:
+                f = self._files[shard] = open(path, "rb")
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise DataError(f"{path.name}: short read at offset {offset} (truncated shard?)")
+        return data
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files, self._cache = {}, OrderedDict()
+
+
+def _split_lines(index: Index) -> list[str]:
+    lines = []
+    for name, sp in index.splits.items():
+        nbytes = sum(s["bytes"] for s in sp.shards)
+        lines.append(f"  {name:<6} {sp.num_samples:>8} samples  {len(sp.shards):>4} shards  "
+                     f"{nbytes / 1e6:8.2f} MB")  # fmt: skip
+    return lines
+
+
+def _class_table(index: Index) -> list[str]:
+    names = list(index.splits)
+    width = max(len(c) for c in index.classes)
+    lines = [f"  {'class':<{width}} " + " ".join(f"{n:>8}" for n in names)]
+    for i, c in enumerate(index.classes):
+        lines.append(
+            f"  {c:<{width}} " + " ".join(f"{index.splits[n].class_counts[i]:>8}" for n in names)
+        )
+    counts = index.splits["train"].class_counts
+    lo, hi = min(counts), max(counts)
+    ratio = hi / lo if lo else float("inf")
+    flag = "  IMBALANCED (> 1.5)" if ratio > 1.5 else ""
+    lines.append(f"  train max/min class ratio: {ratio:.2f}{flag}")
+    return lines
+
+
+def info_text(dir: str | Path) -> str:
+    """Human-readable summary of a packed dataset (what `shardtrain info` prints)."""
+    index = load_index(dir)
+    raw = index.raw
+    size = (
+        "x".join(map(str, index.image_size))
+        if index.image_size
+        else (f"varies {raw['image_size_range']['min']}..{raw['image_size_range']['max']}")
+    )
+    lines = [f"name:     {index.name}  ({index.root})",
+             f"classes:  {len(index.classes)}",
+             f"channels: {index.channels}   image size: {size}",
+             f"mean:     {index.mean}   std: {index.std}",
+             "splits:", *_split_lines(index)]  # fmt: skip
+    skipped = raw.get("skipped", [])
+    lines.append(f"skipped:  {raw.get('num_skipped', len(skipped))}")
+    lines += [f"  {s['split']}: {s['path']}: {s['reason']}" for s in skipped[:5]]
+    if len(skipped) > 5:
+        lines.append(f"  ... and {len(skipped) - 5} more (see index.json)")
+    return "\n".join(lines + ["per-class counts:", *_class_table(index)])
+
+
+def _verify_members(path: Path, side: dict, reader: ShardReader, shard: int, channels: int) -> None:
+    """Walk the tar in order; check names, offsets, .cls labels and that every image decodes."""
+    key = side["keys"][0] if side["keys"] else "-"
+    columns = [side[k] for k in ("keys", "labels", "exts", "offsets", "sizes")]
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = iter(tar)
+            for key, label, ext, off, size in zip(*columns, strict=True):
+                img, cls = next(members, None), next(members, None)
+                if (
+                    img is None
+                    or cls is None
+                    or img.name != f"{key}.{ext}"
+                    or cls.name != f"{key}.cls"
+                ):
+                    raise ValueError(
+                        f"tar members {img and img.name}, {cls and cls.name} out of order"
+                    )
+                if (img.offset_data, img.size) != (off, size):
+                    raise ValueError("sidecar offset/size disagree with the tar header")
+                data = tar.extractfile(img).read()
+                if data != reader.read(shard, off, size):
+                    raise ValueError("bytes at sidecar offset differ from the tar member")
+                if tar.extractfile(cls).read().decode("ascii", "replace").strip() != str(label):
+                    raise ValueError(f".cls does not say {label}")
+                decode_image(data, ext, channels)
+            extra = next(members, None)
+            if extra is not None:
+                raise ValueError(f"unexpected extra member {extra.name}")
+    except (ValueError, OSError, EOFError, tarfile.TarError, DataError) as e:
+        raise DataError(f"{path.name}: sample {key}: {e}") from None
+
+
+def verify_shards(dir: str | Path, progress: bool = True) -> str:
+    """Re-hash and fully decode every shard; DataError names the first bad shard/sample."""
+    index = load_index(dir)
+    total = sum(sp.num_samples for sp in index.splits.values())
+    n_shards = 0
+    with tqdm(total=total, disable=not progress, unit="img", desc="verify") as bar:
+        for name, sp in index.splits.items():
+            first, counts = 0, [0] * len(index.classes)
+            paths = [index.root / s["file"] for s in sp.shards]
+            reader = ShardReader(paths, cache_shards=1)
+            for i, s in enumerate(sp.shards):
+                side = _load_sidecar(index.root, s, first, len(index.classes))
+                _verify_members(paths[i], side, reader, i, index.channels)
+                if _sha256(paths[i]) != s["sha256"]:
+                    raise DataError(f"{s['file']}: sha256 mismatch with index.json (corrupt shard)")
+                for y in side["labels"]:
+                    counts[y] += 1
+                first += s["num_samples"]
+                n_shards += 1
+                bar.update(s["num_samples"])
+            reader.close()
+            if counts != sp.class_counts:
+                raise DataError(
+                    f"{index.root}/index.json: split {name}: class_counts disagree with shards"
+                )
+    return f"verified {total} samples in {n_shards} shards: all checksums, offsets and images OK"

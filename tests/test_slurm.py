@@ -1,0 +1,200 @@
+"""Real SLURM jobs on the local 2-node cluster: slurm/train.sbatch, preemption + requeue, sweeps.
+
+Run: bash slurm/cluster/start.sh && PYTHONPATH=src .venv/bin/python -m pytest -m slurm tests/test_slurm.py
+(`make test-slurm` does both). Skipped when `sinfo` is missing or no cluster answers. There is no
+accounting DB: jobs are polled with `scontrol show job` under a deadline, and any job still alive
+when a test ends is cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "tests" / "recipes" / "slurm-tiny.yaml"
+LOCAL_CONF = Path("/tmp/shardtrain-slurm/etc/slurm.conf")  # written by slurm/cluster/start.sh
+# long enough (30 epochs x 3 steps) that a signal after the first checkpoint arrives mid-run
+OVERRIDES = ["train.epochs=30"]
+JOB_TIMEOUT = 300  # seconds per job, requeue included
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def slurm_env() -> dict:
+    env = dict(os.environ)
+    if "SLURM_CONF" not in env and LOCAL_CONF.is_file():
+        env["SLURM_CONF"] = str(LOCAL_CONF)
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = f"{venv_bin}:{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{ROOT / 'src'}:{env.get('PYTHONPATH', '')}".rstrip(":")
+    env["SHARDTRAIN_PYTHON"] = sys.executable
+    env["SHARDTRAIN_ROOT"] = str(ROOT)
+    env["WANDB_MODE"] = "disabled"
+    return env
+
+
+def cluster_problem() -> str:
+    if not shutil.which("sinfo"):
+        return "sinfo not found (apt-get install slurm-wlm, then bash slurm/cluster/start.sh)"
+    r = subprocess.run(["sinfo", "-h", "-o", "%T"], env=slurm_env(), capture_output=True,
+                       text=True, timeout=30)
+    if r.returncode != 0 or not r.stdout.strip():
+        return f"no SLURM cluster answering (run bash slurm/cluster/start.sh): {r.stderr.strip()}"
+    if not {"idle", "mixed", "allocated"} & set(r.stdout.split()):
+        return f"no usable SLURM node: {r.stdout.split()}"
+    return ""
+
+
+pytestmark = [pytest.mark.slurm]
+_problem = cluster_problem()
+if _problem:
+    pytestmark.append(pytest.mark.skip(reason=_problem))
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def sbatch(args: list[str], tmp: Path) -> str:
+    cmd = ["sbatch", "--parsable", f"--chdir={tmp}", *args]
+    r = subprocess.run(cmd, cwd=ROOT, env=slurm_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed: {r.stderr}"
+    return r.stdout.strip().split(";")[0]
+
+
+def job_records(job: str) -> list[dict]:
+    """`scontrol show job -o` as dicts, one per job (or array task)."""
+    r = subprocess.run(["scontrol", "show", "job", "-o", job], env=slurm_env(),
+                       capture_output=True, text=True, timeout=30)
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in r.stdout.splitlines() if line]
+
+
+def scancel(job: str, *args: str) -> None:
+    subprocess.run(["scancel", *args, job], env=slurm_env(), capture_output=True, timeout=30)
+
+
+def wait_done(job: str, timeout: float = JOB_TIMEOUT, log: Path | None = None) -> list[dict]:
+    """Poll until every task of `job` is terminal; cancel it and fail on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = job_records(job)
+        if records and all(r.get("JobState") in TERMINAL for r in records):
+            return records
+        time.sleep(1)
+    scancel(job)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    pytest.fail(f"job {job} not finished after {timeout}s: {job_records(job)}\n{tail}")
+
+
+class Jobs:
+    """Submitted job ids; whatever is still alive at teardown is cancelled."""
+
+    def __init__(self):
+        self.ids: list[str] = []
+
+    def submit(self, args: list[str], tmp: Path) -> str:
+        self.ids.append(sbatch(args, tmp))
+        return self.ids[-1]
+
+    def cancel_all(self):
+        for job in self.ids:
+            if any(r.get("JobState") not in TERMINAL for r in job_records(job)):
+                scancel(job)
+
+
+@pytest.fixture(scope="module")
+def jobs():
+    j = Jobs()
+    yield j
+    j.cancel_all()
+
+
+def train_args(data: Path, out: Path) -> list[str]:
+    return ["--recipe", str(RECIPE), "--data", str(data), "--out", str(out), *OVERRIDES]
+
+
+def assert_completed(records: list[dict], log: Path) -> None:
+    text = log.read_text() if log.exists() else "(no log)"
+    for r in records:
+        assert r["JobState"] == "COMPLETED" and r["ExitCode"] == "0:0", f"{r}\n{text[-4000:]}"
+
+
+def split_count(shards: Path, split: str) -> int:
+    index = json.loads((shards / "index.json").read_text())
+    return index["splits"][split]["num_samples"] if split in index["splits"] else 0
+
+
+# ---- tests --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_node_run(tiny_shards, tmp_path_factory, jobs):
+    """One uninterrupted 2-node run: (final.json, log text); also the reference step count."""
+    tmp = tmp_path_factory.mktemp("slurm2n")
+    job = jobs.submit(["--nodes=2", "-o", "slurm-%j.out", "slurm/train.sbatch",
+                       *train_args(tiny_shards, tmp / "run")], tmp)
+    log = tmp / f"slurm-{job}.out"
+    assert_completed(wait_done(job, log=log), log)
+    return json.loads((tmp / "run" / "final.json").read_text()), log.read_text()
+
+
+def test_two_nodes_complete(two_node_run, tiny_shards):
+    final, log = two_node_run
+    print(re.search(r"shardtrain topology: .*", log).group(0))
+    print("final.json:", json.dumps(final))
+    assert "shardtrain topology: nodes=2 procs_per_node=1 world_size=2 main=n1:" in log
+    assert final["world_size"] == 2
+    assert final["val_samples"] == split_count(tiny_shards, "val")  # every sample exactly once
+    assert final["test_samples"] == split_count(tiny_shards, "test")
+    assert final["steps"] > 0
+
+
+def test_preemption_requeues_and_resumes(two_node_run, tiny_shards, tmp_path, jobs):
+    run = tmp_path / "run"
+    job = jobs.submit(["--nodes=2", "-o", "slurm-%j.out", "slurm/train.sbatch",
+                       *train_args(tiny_shards, run)], tmp_path)
+    log = tmp_path / f"slurm-{job}.out"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not list(run.glob("checkpoints/step-*/trainer.json")):  # the first checkpoint
+        state = (job_records(job) or [{}])[0].get("JobState")
+        assert state not in TERMINAL, f"job ended before its first checkpoint: {state}"
+        if time.monotonic() > deadline:
+            scancel(job)
+            pytest.fail("no checkpoint before the deadline")
+        time.sleep(0.2)
+    scancel(job, "--signal=USR1", "--batch")
+    records = wait_done(job, log=log)
+    assert_completed(records, log)
+    text = log.read_text()
+    restarts = int(records[0]["Restarts"])
+    final = json.loads((run / "final.json").read_text())
+    print(f"requeue: scontrol Restarts={restarts}")
+    print("\n".join(re.findall(r"shardtrain (?:topology|node|: training|: preempted).*", text)))
+    print("final.json:", json.dumps(final))
+    assert restarts >= 1, text[-4000:]
+    assert "preempted with a checkpoint; requeueing" in text
+    assert "restart=1" in text
+    assert final["steps"] == two_node_run[0]["steps"]  # exact step count across the resume
+    assert final["world_size"] == 2
+    assert final["val_samples"] == split_count(tiny_shards, "val")
+
+
+def test_sweep_array(tiny_shards, tmp_path, jobs):
+    grid = tmp_path / "grid.txt"
+    grid.write_text("# lr grid\noptim.max_lr=0.005\n\noptim.max_lr=0.02 optim.weight_decay=0\n")
+    sweep = tmp_path / "sweep"
+    job = jobs.submit(["--array=0-1", "-o", "slurm-%A_%a.out", "slurm/sweep.sbatch", str(grid),
+                       str(sweep), "--recipe", str(RECIPE), "--data", str(tiny_shards)], tmp_path)
+    records = wait_done(job)
+    logs = sorted(tmp_path.glob(f"slurm-{job}_*.out"))
+    assert len(records) == 2, records
+    assert_completed(records, logs[0] if logs else tmp_path / "none")
+    for i, lr in enumerate([0.005, 0.02]):
+        final = json.loads((sweep / f"point-{i}" / "final.json").read_text())
+        config = (sweep / f"point-{i}" / "config.yaml").read_text()
+        assert final["world_size"] == 1
+        assert re.search(rf"max_lr: {lr}\b", config), config
