@@ -59,3 +59,32 @@ def uneven_shards(tmp_path_factory) -> Path:
     out = base / "shards"
     write_shards(str(src), out, shard_size=20, val_fraction=0.0, workers=1, progress=False)
     return out
+
+
+def make_learnable_folder(root: Path, n_per_class: dict[str, int], size: int = 16) -> Path:
+    """4 classes a learnable model separates: each class tints one colour channel (+ noise)."""
+    rng = np.random.default_rng(1)
+    for split, n in n_per_class.items():
+        for c, name in enumerate(["red", "green", "blue", "gray"]):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = rng.integers(0, 120, (size, size, 3))
+                arr[..., c % 3] += 120 if c < 3 else 60
+                Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def learnable_shards(tmp_path_factory) -> Path:
+    """4 separable classes of 16x16 RGB: train 192 (6 shards of 32), val 32, test 40."""
+    base = tmp_path_factory.mktemp("learnable")
+    src = make_learnable_folder(base / "src", {"train": 48, "val": 8, "test": 10})
+    out = base / "shards"
+    write_shards(str(src), out, shard_size=32, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe() -> Path:
+    return Path(__file__).parent / "recipes" / "tiny.yaml"

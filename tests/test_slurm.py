@@ -22,8 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "tests" / "recipes" / "slurm-tiny.yaml"
 LOCAL_CONF = Path("/tmp/shardtrain-slurm/etc/slurm.conf")  # written by slurm/cluster/start.sh
-# long enough (30 epochs x 3 steps) that a signal after the first checkpoint arrives mid-run
-OVERRIDES = ["train.epochs=30"]
+# long enough (60 epochs x 3 steps) that a signal after the first checkpoint arrives mid-run
+OVERRIDES = ["train.epochs=60"]
 JOB_TIMEOUT = 300  # seconds per job, requeue included
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -149,7 +149,7 @@ def test_two_nodes_complete(two_node_run, tiny_shards):
     assert "shardtrain topology: nodes=2 procs_per_node=1 world_size=2 main=n1:" in log
     assert final["world_size"] == 2
     assert final["val_samples"] == split_count(tiny_shards, "val")  # every sample exactly once
-    assert final["test_samples"] == split_count(tiny_shards, "test")
+    assert final.get("test_samples", 0) == split_count(tiny_shards, "test")
     assert final["steps"] > 0
 
 

@@ -81,6 +81,7 @@ class Loop:
     def run(self, state: State, total_steps: int) -> bool:
         """Train until total_steps; True if stopped early by a preemption signal."""
         cfg, acc, plan = self.cfg, self.accelerator, self.data.plan
+        self.total_steps = total_steps
         options = options_from_config(cfg, self.data.index.channels, self.data.image_size, True)
         loader = make_train_loader(
             self.data.train, plan, options, start_micro=state.step * cfg.train.grad_accum,
@@ -94,6 +95,7 @@ class Loop:
             loss = self.micro_step(batch, state)
             if not acc.sync_gradients:
                 continue
+            lr = self.scheduler.get_last_lr()[0]  # the lr this step used
             self.scheduler.step()
             state.step += 1
             state.images_seen += cfg.data.batch_size
@@ -103,7 +105,7 @@ class Loop:
             self.reporter.advance()
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                 self.check_finite(first_bad, state)
-                self.log_step(state, loss, window)
+                self.log_step(state, loss, lr, window)
             if self.preemption.agreed(acc):
                 self.check_finite(first_bad, state)
                 self.save(state)
@@ -141,7 +143,8 @@ class Loop:
         o, params = self.cfg.optim, self.model.parameters()
         if o.clip_value:
             self.accelerator.clip_grad_value_(params, o.clip_value)
-        logging = (state.step + 1) % self.cfg.train.log_every == 0
+        next_step = state.step + 1
+        logging = next_step % self.cfg.train.log_every == 0 or next_step == self.total_steps
         if o.clip_norm or logging:  # clip_norm=inf only measures (multiplies by exactly 1)
             norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
                                                     o.clip_norm or float("inf"))
@@ -155,7 +158,7 @@ class Loop:
                 f"{self.out_dir / 'checkpoints'} is from before it (lower optim.max_lr or add "
                 f"optim.clip_norm)")
 
-    def log_step(self, state: State, loss: torch.Tensor, window) -> None:
+    def log_step(self, state: State, loss: torch.Tensor, lr: float, window) -> None:
         now = time.perf_counter()
         steps = state.step - window.step
         images_per_sec = steps * self.cfg.data.batch_size / max(now - window.time, 1e-9)
@@ -163,7 +166,7 @@ class Loop:
         self.reporter.log("step", state.step, {
             "epoch": state.step / self.data.plan.steps_per_epoch,
             "train/loss": float(loss.item()),  # note: CPU-GPU sync point
-            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/lr": lr,
             "train/images_per_sec": images_per_sec,
             "train/grad_norm": float(norm) if norm is not None else float("nan"),
         })

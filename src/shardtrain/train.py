@@ -84,7 +84,7 @@ def setup_data(cfg: Config, accelerator: Accelerator) -> Data:
                            len(train.label))
     except ValueError as e:
         raise UserError(str(e)) from None
-    plan = TrainPlan(tuple(s.num_samples for s in index.split(cfg.data.train_split).shards),
+    plan = TrainPlan(tuple(s["num_samples"] for s in index.split(cfg.data.train_split).shards),
                      cfg.data.batch_size, accelerator.num_processes, accelerator.process_index,
                      cfg.train.grad_accum, cfg.train.seed, cfg.data.shuffle_window)
     image_size = cfg.data.image_size or (max(index.image_size) if index.image_size else 0)

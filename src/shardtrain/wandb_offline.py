@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ HEADER = struct.Struct("<4sHB")
 CHUNK = struct.Struct("<IHB")
 BLOCK_LEN = 32768
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-MEDIA_TYPES = ("image-file", "table-file", "images/separated", "video-file", "audio-file", "html-file")
+MEDIA_TYPES = ("image-file", "images/separated", "table-file", "video-file", "audio-file",
+               "html-file")
 
 
 @dataclass
@@ -91,23 +93,34 @@ def read_records(wandb_file: Path) -> list:
 
 def find_offline_runs(root: Path) -> list[Path]:
     """Offline run folders (holding a run-*.wandb) under `root`, oldest first."""
-    folders = {p.parent for p in Path(root).rglob("run-*.wandb") if p.parent.name.startswith("offline-run-")}
+    files = Path(root).rglob("run-*.wandb")
+    folders = {p.parent for p in files if p.parent.name.startswith("offline-run-")}
     return sorted(folders, key=lambda p: (p.name.split("-")[2], p.name))
 
 
-def read_offline_run(run_path: Path) -> OfflineRun:
-    """One offline run folder (or its .wandb file) -> OfflineRun."""
+def read_offline_run(run_path: Path, wait_seconds: float = 0.0) -> OfflineRun:
+    """One offline run folder (or its .wandb file) -> OfflineRun.
+
+    Args:
+        wait_seconds: poll up to this long for the exit record. `run.finish()` can return before
+            wandb-core has flushed the file (seen with 0.31: an empty read right after finish).
+    """
     run_path = Path(run_path)
     files = [run_path] if run_path.is_file() else sorted(run_path.glob("run-*.wandb"))
     if not files:
         raise UserError(f"no run-*.wandb file in {run_path}")
-    run = OfflineRun(run_id="")
-    apply_records(run, read_records(files[0]), files[0].parent)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        run = OfflineRun(run_id="")
+        apply_records(run, read_records(files[0]), files[0].parent)
+        if run.exited or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
     run.paths = [files[0].parent]
     return run
 
 
-def read_offline_runs_by_id(root: Path, run_id: str) -> OfflineRun:
+def read_offline_runs_by_id(root: Path, run_id: str, wait_seconds: float = 0.0) -> OfflineRun:
     """Merge every offline segment of `run_id` under `root` (original + resumes), in start order.
 
     A later segment wins for steps it logs again: a trainer resumed from a checkpoint re-logs the
@@ -116,7 +129,8 @@ def read_offline_runs_by_id(root: Path, run_id: str) -> OfflineRun:
     folders = [p for p in find_offline_runs(root) if (p / f"run-{run_id}.wandb").is_file()]
     if not folders:
         raise UserError(f"no offline run with id {run_id!r} under {root}")
-    segments = sorted((read_offline_run(p) for p in folders), key=lambda r: (r.start_time, str(r.paths)))
+    segments = [read_offline_run(p, wait_seconds) for p in folders]
+    segments.sort(key=lambda r: (r.start_time, str(r.paths)))
     merged = segments[0]
     for seg in segments[1:]:
         first = seg.history[0]["_step"] if seg.history else None
@@ -193,7 +207,8 @@ def media_items(row: dict, folder: Path) -> list[dict]:
     out = []
     for key, value in row.items():
         if isinstance(value, dict) and value.get("_type") in MEDIA_TYPES:
-            path = value.get("path")
-            out.append({"key": key, "step": row["_step"], "type": value["_type"],
-                        "path": str(folder / "files" / path) if path else None})
+            # one file per item; a list of images ("images/separated") lists its "filenames"
+            for path in value.get("filenames") or [value.get("path")]:
+                out.append({"key": key, "step": row["_step"], "type": value["_type"],
+                            "path": str(folder / "files" / path) if path else None})
     return out

@@ -114,7 +114,9 @@ def make_train_loader(table: SampleTable, plan: TrainPlan, options: SampleOption
     return DataLoader(
         dataset, batch_size=None, sampler=range(start_micro, end_micro), num_workers=workers,
         pin_memory=pin_memory, prefetch_factor=prefetch if workers else None,
-        persistent_workers=False)
+        # its own generator: drawing worker seeds must not consume the global RNG (dropout),
+        # or a resumed run would diverge from an uninterrupted one
+        generator=torch.Generator().manual_seed(options.seed))
 
 
 def make_eval_loader(table: SampleTable, options: SampleOptions, *, world_size: int, rank: int,
@@ -123,7 +125,8 @@ def make_eval_loader(table: SampleTable, options: SampleOptions, *, world_size: 
     chunks = EvalChunks(eval_ids(len(table.label), world_size, rank), batch_size)
     dataset = Batches(table, options, chunks, length=len(chunks))
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                      pin_memory=pin_memory, prefetch_factor=2 if workers else None)
+                      pin_memory=pin_memory, prefetch_factor=2 if workers else None,
+                      generator=torch.Generator().manual_seed(0))
 
 
 class EvalChunks:

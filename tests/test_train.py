@@ -1,0 +1,103 @@
+"""Training end to end: 1 process and a real 2-process `accelerate launch` on CPU."""
+
+from __future__ import annotations
+
+import pytest
+from safetensors.torch import load_file
+
+from helpers import read_json, read_jsonl, run_shardtrain
+from shardtrain.data.index import load_index
+
+RUN_FILES = ["config.yaml", "metrics.jsonl", "model.safetensors", "final.json", "eval.json",
+             "checkpoints/latest", "checkpoints/best.safetensors", "plots/accuracy.png",
+             "plots/loss.png", "plots/lr.png", "plots/confusion.png"]
+
+
+def train(data, out, recipe, *overrides, nproc=1, **kw):
+    return run_shardtrain(["train", "--recipe", recipe, "--data", data, "--out", out,
+                           *overrides], nproc=nproc, **kw)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(learnable_shards, tiny_recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run1") / "run"
+    result = train(learnable_shards, out, tiny_recipe, "train.epochs=4")
+    return out, result
+
+
+def test_one_process_learns_and_writes_every_run_file(one_process_run, learnable_shards):
+    out, result = one_process_run
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps[-1]["train/loss"] < steps[0]["train/loss"]
+    final = read_json(out / "final.json")
+    index = load_index(learnable_shards)
+    assert final["world_size"] == 1 and final["steps"] == 4 * (192 // 16)
+    assert final["val_samples"] == index.splits["val"].num_samples
+    assert final["test_samples"] == index.splits["test"].num_samples
+    assert final["test_acc"] > 0.5  # 4 separable classes: chance is 0.25
+    assert "test_acc=" in result.stdout and str(out) in result.stdout
+
+
+def test_lr_schedule_ends_at_its_minimum_on_the_last_step(one_process_run):
+    out, _ = one_process_run
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
+    max_lr, div, final_div = 0.01, 25.0, 1e4
+    assert steps[-1]["step"] == 48
+    assert steps[-1]["train/lr"] == pytest.approx(max_lr / (div * final_div), rel=1e-9)
+
+
+def test_two_processes_match_eval_counts_and_identical_weights(learnable_shards, tiny_recipe,
+                                                               tmp_path):
+    out = tmp_path / "run2"
+    result = train(learnable_shards, out, tiny_recipe, "train.epochs=2", nproc=2)
+    final = read_json(out / "final.json")
+    index = load_index(learnable_shards)
+    assert final["world_size"] == 2, result.stderr[-2000:]
+    assert final["ranks_identical"] is True
+    assert final["steps"] == 2 * (192 // 16)  # global batch 16: same steps as one process
+    assert final["val_samples"] == index.splits["val"].num_samples
+    assert final["test_samples"] == index.splits["test"].num_samples
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps[-1]["train/lr"] == pytest.approx(0.01 / 25 / 1e4, rel=1e-9)
+    assert result.stdout.count("done:") == 1  # printed once per job, not per process
+    assert not list(out.glob("**/*rank1*"))  # only rank 0 writes run files
+
+
+def test_uneven_shards_on_two_ranks_do_not_hang_and_count_exactly(uneven_shards, tiny_recipe,
+                                                                  tmp_path):
+    """5 shards of 20,20,20,20,10 on 2 ranks; a test split of 33 (odd) samples."""
+    out = tmp_path / "uneven"
+    train(uneven_shards, out, tiny_recipe, "data.batch_size=8", "data.workers=2",
+          "train.epochs=1", "data.image_size=8", "model.widths=[8,8,8,8]", nproc=2, timeout=240)
+    final = read_json(out / "final.json")
+    assert final["steps"] == 90 // 8 and final["test_samples"] == 33
+    assert final["ranks_identical"] is True
+
+
+def test_weights_file_is_self_describing(one_process_run):
+    out, _ = one_process_run
+    state = load_file(out / "model.safetensors")
+    assert any(k.endswith("weight") for k in state)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["optim.max_lrr=0.1"], "did you mean 'optim.max_lr'"),
+    (["train.epochs=lots"], "train.epochs must be int"),
+    (["data.batch_size=1000"], "fewer than one global batch"),
+])
+def test_user_mistakes_are_one_line_exit_2(learnable_shards, tiny_recipe, tmp_path, args, message):
+    result = train(learnable_shards, tmp_path / "bad", tiny_recipe, *args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_data_folder_and_unknown_recipe(tmp_path, tiny_recipe):
+    r = run_shardtrain(["train", "--recipe", tiny_recipe, "--data", tmp_path / "nope"],
+                       check=False)
+    assert r.returncode == 2 and "data folder not found" in r.stderr and "Traceback" not in r.stderr
+    r = run_shardtrain(["train", "--recipe", "fashion-mnist-resnet", "--data", tmp_path],
+                       check=False)
+    assert r.returncode == 2 and "did you mean" in r.stderr
