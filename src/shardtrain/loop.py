@@ -262,6 +262,10 @@ class Loop:
         self.reporter.finish(final)
         if acc.is_main_process:
             write_eval_files(self.out_dir, val, test, self.data.index.classes, self.cfg.log.plots)
+        if self.reporter.wandb_on:  # main process only: a local forward, no collective
+            from shardtrain.media import final_media
+
+            self.reporter.log_media(state.step, final_media(self, self.total_steps, test or val))
         acc.wait_for_everyone()  # else a rank can die at exit and leave the other waiting
         acc.end_training()
         return final
