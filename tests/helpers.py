@@ -27,11 +27,15 @@ def launch_cmd(nproc: int) -> list[str]:
             "--main_process_port", str(free_port()), "-m", "shardtrain"]
 
 
+def shardtrain_env(nproc: int, env: dict | None = None) -> dict:
+    """Offline W&B, real CPU processes, and a fixed thread count (float sums depend on it)."""
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1" if nproc > 1 else "2", **(env or {})}
+
+
 def run_shardtrain(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None,
                    check: bool = True) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline",
-                "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1" if nproc > 1 else "2",
-                **(env or {})}
+    full_env = shardtrain_env(nproc, env)
     cmd = ["timeout", "-s", "KILL", str(timeout)] + launch_cmd(nproc) + [str(a) for a in args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=full_env)
     if check and result.returncode != 0:

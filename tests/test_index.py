@@ -67,7 +67,8 @@ def test_missing_and_truncated_shard(tmp_path, uneven_shards):
     good = (d / "train-000002.tar").read_bytes()
     (d / "train-000002.tar").write_bytes(good[:3000])
     with pytest.raises(DataError, match="train-000002.tar: size"):
-        sample_table(index, "train")
+        sample_table(index, "train", check_checksums=True)
+    assert "train-000002.tar: size" in sample_table(index, "train").damaged[0]
     with pytest.raises(DataError, match="train-000002.tar: short read"):
         ShardReader(table.shard_paths).read(2, int(table.offset[-11]), int(table.size[-11]))
     (d / "train-000002.tar").write_bytes(good)

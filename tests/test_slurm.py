@@ -45,19 +45,27 @@ def slurm_env() -> dict:
 def cluster_problem() -> str:
     if not shutil.which("sinfo"):
         return "sinfo not found (apt-get install slurm-wlm, then bash slurm/cluster/start.sh)"
-    r = subprocess.run(["sinfo", "-h", "-o", "%T"], env=slurm_env(), capture_output=True,
-                       text=True, timeout=30)
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%T"], env=slurm_env(), capture_output=True,
+                           text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out: no SLURM controller answering (bash slurm/cluster/start.sh)"
     if r.returncode != 0 or not r.stdout.strip():
-        return f"no SLURM cluster answering (run bash slurm/cluster/start.sh): {r.stderr.strip()}"
+        return f"no SLURM cluster answering (bash slurm/cluster/start.sh): {r.stderr.strip()[:200]}"
     if not {"idle", "mixed", "allocated"} & set(r.stdout.split()):
         return f"no usable SLURM node: {r.stdout.split()}"
     return ""
 
 
-pytestmark = [pytest.mark.slurm]
-_problem = cluster_problem()
-if _problem:
-    pytestmark.append(pytest.mark.skip(reason=_problem))
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster():
+    """Skip the module (checked only when its tests are selected) if no cluster answers."""
+    problem = cluster_problem()
+    if problem:
+        pytest.skip(problem)
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -109,7 +117,7 @@ class Jobs:
 
 
 @pytest.fixture(scope="module")
-def jobs():
+def jobs(slurm_cluster):
     j = Jobs()
     yield j
     j.cancel_all()
@@ -173,12 +181,14 @@ def test_preemption_requeues_and_resumes(two_node_run, tiny_shards, tmp_path, jo
     restarts = int(records[0]["Restarts"])
     final = json.loads((run / "final.json").read_text())
     print(f"requeue: scontrol Restarts={restarts}")
-    print("\n".join(re.findall(r"shardtrain (?:topology|node|: training|: preempted).*", text)))
+    print("\n".join(re.findall(r"shardtrain(?: topology| node|: got|: training|: preempted).*", text)))
     print("final.json:", json.dumps(final))
     assert restarts >= 1, text[-4000:]
     assert "preempted with a checkpoint; requeueing" in text
     assert "restart=1" in text
-    assert final["steps"] == two_node_run[0]["steps"]  # exact step count across the resume
+    reference = two_node_run[0]
+    assert final["steps"] == reference["steps"]  # exact step count across the resume
+    assert final["val_loss"] == reference["val_loss"]  # and the same weights (CPU is deterministic)
     assert final["world_size"] == 2
     assert final["val_samples"] == split_count(tiny_shards, "val")
 

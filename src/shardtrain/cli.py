@@ -5,6 +5,11 @@
     shardtrain train --recipe NAME|PATH --data DIR [--out RUN_DIR] [--resume auto|PATH] [k=v ...]
     shardtrain eval --checkpoint CKPT --data DIR [--split test]
     shardtrain predict --checkpoint CKPT IMAGE...
+    shardtrain compare RUN... [--png OUT] | compare --wandb ENTITY/PROJECT [--group G]
+    shardtrain sweep --recipe R --data D --grid k=v1,v2 [--grid-file F] [--out DIR] [--slurm]
+    shardtrain show DIR [--split S --n 64 --augmented --recipe R --out PNG]
+    shardtrain lr-find --recipe R --data D [--start 1e-6 --end 1 --steps 200] [k=v ...]
+    shardtrain export --checkpoint CKPT --format onnx|torchscript [--out FILE]
     shardtrain recipes | models
 
 A user mistake (UserError) prints one line on stderr and exits 2 (corrupt data: 1).
@@ -152,6 +157,95 @@ def run_small(args) -> None:
         print("\n".join(list_models()))
 
 
+def add_compare_sweep(sub) -> None:
+    p = sub.add_parser("compare", help="table (+ PNG) of runs: differing config, final metrics")
+    p.add_argument("runs", nargs="*", type=Path, help="run folders (written by `train`)")
+    p.add_argument("--png", type=Path, default=Path("compare.png"),
+                   help="val-curve plot of the run folders (default ./compare.png)")
+    p.add_argument("--wandb", metavar="ENTITY/PROJECT", help="compare W&B runs instead (online)")
+    p.add_argument("--group", help="with --wandb: only this group (e.g. a sweep name)")
+    p = sub.add_parser("sweep", help="train every point of a grid, then compare them")
+    p.add_argument("--recipe", default="", help="recipe name or YAML (or the sweep file's)")
+    p.add_argument("--data", default="", help="shard folder (required unless --list)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="one grid axis (repeatable); points are the Cartesian product")
+    p.add_argument("--grid-file", default="", help="sweep YAML or shipped name (--list)")
+    p.add_argument("--name", default="", help="sweep name = W&B group (default from the file)")
+    p.add_argument("--out", type=Path, help="sweep folder (default runs/NAME)")
+    p.add_argument("--slurm", action="store_true", help="submit a SLURM job array instead")
+    p.add_argument("--list", action="store_true", help="list the shipped sweep files and exit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+
+def run_compare(args) -> None:
+    from shardtrain.compare import compare_runs, compare_wandb
+
+    if args.wandb:
+        print(compare_wandb(args.wandb, args.group))
+        return
+    print(compare_runs(args.runs, args.png))
+    print(f"wrote {args.png}")
+
+
+def run_sweep(args) -> None:
+    from shardtrain.sweep import list_sweeps, make_sweep, run_sweep
+
+    if args.list:
+        print("\n".join(list_sweeps()))
+        return
+    if not args.data:
+        raise UserError("sweep needs --data DIR")
+    sweep = make_sweep(args.recipe, args.grid, args.grid_file, args.name)
+    print(run_sweep(sweep, args.data, args.out, args.overrides, slurm=args.slurm))
+
+
+def add_tools(sub) -> None:
+    p = sub.add_parser("show", help="PNG grid of samples with labels (--augmented: as trained)")
+    p.add_argument("dir")
+    p.add_argument("--split", default="train")
+    p.add_argument("--n", type=int, default=64, help="number of samples (tiles)")
+    p.add_argument("--augmented", action="store_true", help="apply the recipe's augmentation")
+    p.add_argument("--recipe", default=None, help="recipe for --augmented (name or YAML)")
+    p.add_argument("--out", type=Path, default=Path("samples.png"))
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p = sub.add_parser("lr-find", help="learning-rate range test: suggested max lr + PNG")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--data", help="shard folder (sets data.path)")
+    p.add_argument("--start", type=float, default=1e-6)
+    p.add_argument("--end", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--out", type=Path, help="PNG (default runs/lr-find-RECIPE.png; + .json)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p = sub.add_parser("export", help="standalone ONNX / TorchScript file (normalisation inside)")
+    p.add_argument("--checkpoint", required=True, help="model.safetensors, checkpoint or run dir")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", type=Path, help="default CKPT_DIR/model.onnx or model.pt")
+
+
+def run_tools(args) -> None:
+    if args.command == "show":
+        from shardtrain.show import show_samples
+
+        png, tiles = show_samples(args.dir, args.out, args.split, args.n, args.augmented,
+                                  args.recipe, args.overrides)
+        print(f"wrote {png} ({tiles} samples)")
+    elif args.command == "lr-find":
+        from shardtrain.config import load_config
+        from shardtrain.lr_find import lr_find
+
+        overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
+        cfg = load_config(args.recipe, overrides)
+        out = args.out or Path("runs") / f"lr-find-{Path(cfg.recipe).stem}.png"
+        r = lr_find(cfg, out, args.start, args.end, args.steps)
+        print_main(f"suggested max lr: {r['suggested_lr']:.3g} (steepest descent "
+                   f"{r['steepest_lr'] or float('nan'):.3g}, min-loss lr / 10 "
+                   f"{r['min_div10_lr']:.3g}; {r['steps_run']} steps) -> {out}")
+    elif args.command == "export":
+        from shardtrain.export import export_model
+
+        print(f"wrote {export_model(args.checkpoint, args.format, args.out)}")
+
+
 def print_main(message: str) -> None:
     """Print once per job, not once per process."""
     if os.environ.get("RANK", "0") == "0":
@@ -161,12 +255,14 @@ def print_main(message: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardtrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_pack, add_train, add_eval_predict, add_small):
+    for add in (add_pack, add_train, add_eval_predict, add_small, add_compare_sweep, add_tools):
         add(sub)
     return parser
 
 
-COMMANDS = {"pack": run_pack, "train": run_train, "eval": run_eval, "predict": run_predict}
+COMMANDS = {"pack": run_pack, "train": run_train, "eval": run_eval, "predict": run_predict,
+            "compare": run_compare, "sweep": run_sweep, "show": run_tools, "lr-find": run_tools,
+            "export": run_tools}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,6 +31,8 @@ class DataConfig:
     workers: int = 2  # loader worker processes per rank
     prefetch: int = 4  # batches prefetched per worker
     shuffle_window: int = 4  # shards shuffled together per block (1 = within shard, 0 = all)
+    verify_checksums: bool = True  # sha256 every shard before step 0 (false: read damaged
+    #                                 shards up to the damage, skipping and reporting bad samples)
     train_split: str = "train"
     val_split: str = "val"  # "" = no per-epoch validation
     test_split: str = "test"  # "" = no final test evaluation
@@ -47,6 +49,12 @@ class AugmentConfig:
     resized_crop: float = 0.0  # random-resized-crop min area scale (0 = off), ratio 3/4..4/3
     rotation: float = 0.0  # max rotation in degrees (0 = off)
     color_jitter: float = 0.0  # brightness/contrast/saturation strength (0 = off)
+    policy: str = "none"  # none | randaugment | trivialaugment (torchvision, per sample, uint8)
+    random_erasing: float = 0.0  # probability of erasing one random rectangle per sample
+    mixup_alpha: float = 0.0  # Beta(a, a) mixup of batch pairs (0 = off); soft-target loss
+    cutmix_alpha: float = 0.0  # Beta(a, a) cutmix box of batch pairs (0 = off)
+    mix_prob: float = 1.0  # probability a micro-batch is mixed (when mixup/cutmix is on)
+    switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
 
 
 @dataclass
@@ -82,6 +90,7 @@ class OptimConfig:
     clip_norm: float = 0.0  # clip the global gradient L2 norm (0 = off)
     label_smoothing: float = 0.0
     l1: float = 0.0  # L1 penalty coefficient on weights with ndim >= 2
+    head_lr_mult: float = 1.0  # lr multiplier of `model.head` params (transfer) vs the backbone
 
 
 @dataclass
@@ -97,6 +106,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     log_every: int = 20  # optimizer steps between train-metric logs
     dist_timeout: int = 600  # seconds before a stuck collective fails
+    ema_decay: float = 0.0  # EMA of weights+buffers per optimizer step (0 = off), e.g. 0.999
+    ema_warmup: int = 0  # EMA decay = min(ema_decay, (1+n)/(ema_warmup+n)) at update n (0 = off)
+    tta: str = "none"  # test-time augmentation at eval: none | flip | flip_translate (+-2 px)
 
 
 @dataclass
@@ -127,6 +139,11 @@ class Config:
         check_choice("train.precision", self.train.precision, ["no", "bf16", "fp16"])
         check_choice("data.scaling", self.data.scaling, ["standardize", "unit", "none"])
         check_choice("model.init", self.model.init, ["default", "xavier"])
+        check_choice("augment.policy", self.augment.policy,
+                     ["none", "randaugment", "trivialaugment"])
+        check_choice("train.tta", self.train.tta, ["none", "flip", "flip_translate"])
+        if not 0 <= self.train.ema_decay < 1:
+            raise UserError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
         for key, value in [("data.batch_size", self.data.batch_size),
                            ("train.grad_accum", self.train.grad_accum)]:
             if value < 1:
@@ -224,6 +241,11 @@ def coerce(key: str, value, hint):
         return [coerce(key, v, item_type) for v in items]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads `5e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

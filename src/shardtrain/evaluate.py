@@ -38,10 +38,11 @@ def evaluate(model: torch.nn.Module, loader, accelerator, opts: BatchOptions,
     was_training = model.training
     model.eval()
     device = accelerator.device
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top1, top5, count, skipped
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
     k = min(5, num_classes)
     for batch in loader:
+        sums[4] += len(batch["skipped"])  # corrupt samples: reported, never silently dropped
         if len(batch["labels"]) == 0:
             continue
         x, y = prepare_batch(batch, device, opts, train=False)
@@ -58,7 +59,7 @@ def evaluate(model: torch.nn.Module, loader, accelerator, opts: BatchOptions,
     # note: the only collective of the whole evaluation (and a CPU-GPU sync point)
     total = accelerator.reduce(torch.cat([sums, confusion.flatten()]), reduction="sum").cpu()
     model.train(was_training)
-    return summarize(total[:4], total[4:].view(num_classes, num_classes))
+    return summarize(total[:5], total[5:].view(num_classes, num_classes))
 
 
 def summarize(sums: torch.Tensor, confusion: torch.Tensor) -> dict:
@@ -69,6 +70,7 @@ def summarize(sums: torch.Tensor, confusion: torch.Tensor) -> dict:
         "top5": float(sums[2] / max(count, 1)),
         "loss": float(sums[0] / max(count, 1)),
         "samples": count,
+        "skipped": int(sums[4]),
         "per_class_acc": [round(float(a), 6) for a in per_class],
         "confusion": confusion.long().tolist(),
     }

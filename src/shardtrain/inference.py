@@ -20,6 +20,7 @@ from shardtrain.data.codec import decode_image
 from shardtrain.data.index import load_index, sample_table
 from shardtrain.data.loader import SampleOptions, make_eval_loader
 from shardtrain.data.transforms import normalize, resize_sample
+from shardtrain.ema import split_ema
 from shardtrain.errors import UserError
 from shardtrain.evaluate import evaluate
 from shardtrain.models import create_model
@@ -32,7 +33,9 @@ def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict]:
     state, meta = load_weights(checkpoint)
     model = create_model(meta["model"], len(meta["classes"]), meta["channels"],
                          **meta["model_kwargs"])
-    model.load_state_dict(state)
+    model_state, ema_state = split_ema(state)  # a checkpoint of an EMA run: use the EMA
+    ema_state.pop("n_averaged", None)
+    model.load_state_dict(ema_state or model_state)
     return model.eval(), meta
 
 

@@ -25,7 +25,9 @@ from shardtrain.config import config_hash
 from shardtrain.data.index import index_hash
 from shardtrain.data.loader import make_eval_loader, make_train_loader, options_from_config
 from shardtrain.evaluate import evaluate, sync_bn_stats
+from shardtrain.mix import mix_for_step
 from shardtrain.optim import l1_penalty
+from shardtrain.tta import make_tta
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" -> the SLURM script requeues the job
 
@@ -69,7 +71,8 @@ class NonFiniteLoss(RuntimeError):
 
 class Loop:
     def __init__(self, cfg, accelerator, data, model, optimizer, scheduler, reporter, meta,
-                 out_dir: Path):
+                 out_dir: Path, ema=None):
+        self.ema = ema  # ema.EMA or None: evaluated and saved instead of the model when set
         self.cfg, self.accelerator, self.data = cfg, accelerator, data
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.reporter, self.meta, self.out_dir = reporter, meta, out_dir
@@ -98,6 +101,8 @@ class Loop:
             lr = self.scheduler.get_last_lr()[0]  # the lr this step used
             self.scheduler.step()
             state.step += 1
+            if self.ema is not None:  # same weights on every rank: update from the unwrapped model
+                self.ema.update(acc.unwrap_model(self.model))
             state.images_seen += cfg.data.batch_size
             # remember the first non-finite step without a CPU-GPU sync
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
@@ -128,6 +133,8 @@ class Loop:
             state.skipped_examples = (state.skipped_examples + batch["skipped"])[:20]
             self.reporter.print(f"skipped corrupt sample(s): {'; '.join(batch['skipped'][:3])}")
         x, y = prepare_batch(batch, acc.device, self.data.batch_opts, train=True)
+        if cfg.augment.mixup_alpha or cfg.augment.cutmix_alpha:  # y: soft targets (B, K)
+            x, y = mix_for_step(x, y, batch["ids"], cfg, len(self.data.index.classes), state.step)
         with acc.accumulate(self.model):
             loss = self.criterion(self.model(x), y)
             if cfg.optim.l1:
@@ -191,21 +198,48 @@ class Loop:
                 if self.accelerator.is_main_process:
                     (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
                     save_weights(self.out_dir / "checkpoints" / "best.safetensors",
-                                 self.model_state(), self.meta)
+                                 self.eval_state(), self.meta)
         self.save(state)
         self.set_frozen(epoch)
         window.time, window.step = time.perf_counter(), state.step
 
-    def eval_split(self, table) -> dict:
+    def eval_split(self, table, model=None, transform=None) -> dict:
         options = options_from_config(self.cfg, self.data.index.channels, self.data.image_size,
                                       False)
         loader = make_eval_loader(
             table, options, world_size=self.accelerator.num_processes,
             rank=self.accelerator.process_index, batch_size=self.data.plan.batch_per_device * 2,
             workers=self.cfg.data.workers, pin_memory=self.pin)
-        model = self.accelerator.unwrap_model(self.model)
-        return evaluate(model, loader, self.accelerator, self.data.batch_opts,
-                        len(self.data.index.classes))
+        model = model if model is not None else self.eval_model()
+        return evaluate(model, loader, self.accelerator,
+                        self.data.batch_opts, len(self.data.index.classes), transform=transform)
+
+    def eval_model(self) -> torch.nn.Module:
+        """What is evaluated and saved as the run's model: the EMA when enabled."""
+        if self.ema is None:
+            return self.accelerator.unwrap_model(self.model)
+        sync_bn_stats(self.ema.module, self.accelerator)  # EMA of BN buffers differs per rank
+        return self.ema.module
+
+    def eval_state(self) -> dict:
+        """No collective (rank 0 only calls it): EMA BN buffers were synced by the last eval."""
+        return self.model_state() if self.ema is None else self.ema.module.state_dict()
+
+    def extra_evals(self) -> dict:
+        """final.json extras: plain-model accuracy when EMA is on (*_acc_raw), TTA (*_acc_tta)."""
+        extra = {}
+        if self.ema is not None:  # also without val/test: the saved EMA gets averaged BN stats
+            sync_bn_stats(self.ema.module, self.accelerator)
+        for name, table in (("val", self.data.val), ("test", self.data.test)):
+            if table is None:
+                continue
+            if self.ema is not None:
+                raw = self.accelerator.unwrap_model(self.model)
+                extra[f"{name}_acc_raw"] = self.eval_split(table, model=raw)["acc"]
+            if self.cfg.train.tta != "none":
+                tta = make_tta(self.cfg.train.tta)
+                extra[f"{name}_acc_tta"] = self.eval_split(table, transform=tta)["acc"]
+        return extra
 
     def set_frozen(self, epoch: int) -> None:
         model = self.accelerator.unwrap_model(self.model)
@@ -225,6 +259,9 @@ class Loop:
                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         rng_states = gather_object([rng]) if acc.num_processes > 1 else [rng]
         model_state = self.model_state()
+        if self.ema is not None:  # checkpoint: model + EMA tensors under the `ema.` prefix
+            sync_bn_stats(self.ema.module, acc)
+            model_state.update(self.ema.state_dict())
         if acc.is_main_process:
             optim = {"optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(),
@@ -244,6 +281,8 @@ class Loop:
         if self.accelerator.num_processes == 1:
             return True
         state = self.accelerator.unwrap_model(self.model).state_dict()
+        if self.ema is not None:
+            state = {**state, **self.ema.state_dict()}
         fingerprint = torch.stack([v.double().sum() + v.double().abs().sum()
                                    for v in state.values() if v.is_floating_point()])
         everyone = self.accelerator.gather(fingerprint[None])  # (world, n)
@@ -255,9 +294,11 @@ class Loop:
         sync_bn_stats(self.model, acc)
         val = state.last_val or (self.eval_split(self.data.val) if self.data.val else {})
         test = self.eval_split(self.data.test) if self.data.test is not None else {}
+        extra = self.extra_evals()
         if acc.is_main_process:
-            save_weights(self.out_dir / "model.safetensors", self.model_state(), self.meta)
+            save_weights(self.out_dir / "model.safetensors", self.eval_state(), self.meta)
         final = final_metrics(state, val, test, acc.num_processes, self.out_dir, self.data.plan)
+        final.update(extra)
         final["ranks_identical"] = self.ranks_identical()
         self.reporter.finish(final)
         if acc.is_main_process:

@@ -101,3 +101,26 @@ def prediction_grid(images, true: list[int], pred: list[int], classes: list[str]
                      color="green" if right else "red")
         ax.axis("off")
     return save(fig, out_png)
+
+
+def sample_grid(images, labels: list[int], classes: list[str], out_png: Path,
+                cols: int = 8) -> tuple[Path, int]:
+    """uint8 (N, C, H, W) images titled with their class, `cols` per row -> (png, tiles drawn).
+
+    The figure is 1.6 x 1.8 in (160 x 180 px) per tile, so the PNG is (160 cols) x (180 rows).
+    """
+    n = len(images)
+    cols = max(1, min(cols, n))
+    rows = max(1, -(-n // cols))
+    fig = Figure(figsize=(1.6 * cols, 1.8 * rows), dpi=100)
+    FigureCanvasAgg(fig)
+    for i in range(n):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        image = images[i].detach().cpu().numpy().transpose(1, 2, 0)  # (H, W, C)
+        if image.shape[2] == 1:
+            ax.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(image)
+        ax.set_title(classes[int(labels[i])], fontsize=8)
+        ax.axis("off")
+    return save(fig, out_png), n

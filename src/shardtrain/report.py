@@ -67,7 +67,7 @@ class Reporter:
             "name": cfg.log.name or f"{Path(cfg.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}",
             "group": cfg.log.group or Path(cfg.recipe).stem, "tags": cfg.log.tags,
             "job_type": cfg.log.job_type, "entity": cfg.log.entity or None,
-            "settings": wandb.Settings(init_timeout=30, silent=True),
+            "settings": wandb.Settings(init_timeout=10, silent=True),
         }
         self.accelerator.init_trackers(cfg.log.project, config=config,
                                        init_kwargs={"wandb": kwargs})

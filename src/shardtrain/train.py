@@ -30,6 +30,7 @@ from shardtrain.checkpoint import latest_checkpoint, load_checkpoint
 from shardtrain.config import Config, config_hash, save_config
 from shardtrain.data.index import index_hash, load_index, sample_table
 from shardtrain.data.plan import TrainPlan, check_batch_layout
+from shardtrain.ema import make_ema, split_ema
 from shardtrain.errors import UserError
 from shardtrain.loop import PREEMPTED_EXIT, RESUMABLE_CHANGES, Loop, State
 from shardtrain.models import create_model
@@ -76,9 +77,13 @@ def setup_data(cfg: Config, accelerator: Accelerator) -> Data:
     if not cfg.data.path:
         raise UserError("no dataset: pass --data DIR (a folder written by `shardtrain pack`)")
     index = load_index(cfg.data.path)
-    train = sample_table(index, cfg.data.train_split)
-    val = sample_table(index, cfg.data.val_split) if has_split(index, cfg.data.val_split) else None
-    test = sample_table(index, cfg.data.test_split) if has_split(index, cfg.data.test_split) else None
+    check = cfg.data.verify_checksums
+    train = sample_table(index, cfg.data.train_split, check)
+    val, test = (sample_table(index, name, check) if has_split(index, name) else None
+                 for name in (cfg.data.val_split, cfg.data.test_split))
+    for damaged in (t.damaged for t in (train, val, test) if t is not None):
+        for line in damaged:
+            accelerator.print(f"warning: {line}: reading it up to the damage")
     try:
         check_batch_layout(cfg.data.batch_size, accelerator.num_processes, cfg.train.grad_accum,
                            len(train.label))
@@ -127,7 +132,7 @@ def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = Fa
         model = model.to(memory_format=torch.channels_last)
     if cfg.model.sync_bn and torch.cuda.is_available():  # SyncBN on CPU raises inside DDP
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    groups = param_groups(model, cfg.optim.weight_decay)
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.head_lr_mult)
     o = cfg.optim
     optimizer = make_optimizer(o.name, groups, o.max_lr, o.momentum, o.nesterov, tuple(o.betas))
     # not passed to prepare(): a prepared scheduler steps num_processes times per step
@@ -142,13 +147,15 @@ def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = Fa
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    ema = make_ema(cfg, accelerator.unwrap_model(model), ckpt)  # None unless train.ema_decay > 0
     if ckpt and accelerator.scaler is not None and ckpt["optim"].get("scaler"):
         accelerator.scaler.load_state_dict(ckpt["optim"]["scaler"])
     reporter = Reporter(accelerator, out_dir, total_steps, state.step)
     if accelerator.is_main_process:
         save_config(cfg, out_dir / "config.yaml")
     reporter.start_wandb(cfg, run_config(cfg, data, accelerator), state.wandb_id)
-    loop = Loop(cfg, accelerator, data, model, optimizer, scheduler, reporter, meta, out_dir)
+    loop = Loop(cfg, accelerator, data, model, optimizer, scheduler, reporter, meta, out_dir,
+                ema=ema)
     preempted = loop.run(state, total_steps)
     if preempted:
         accelerator.wait_for_everyone()
@@ -212,7 +219,7 @@ def restore(ckpt: dict, cfg: Config, data: Data, model, optimizer, scheduler, ac
     if problems and not allow_changes:
         raise UserError(f"cannot resume: {'; '.join(problems)} (--allow-changes to force)")
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(split_ema(ckpt["model"])[0])  # EMA tensors: see make_ema
     except RuntimeError as e:
         raise UserError(f"cannot resume: model shape differs from the checkpoint's: "
                         f"{str(e).splitlines()[0]}") from None

@@ -15,8 +15,9 @@ import hashlib
 import json
 import os
 import tarfile
+import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,7 @@ class SampleTable:
     ext: list[str]
     label: np.ndarray  # int64
     shard_paths: list[Path]
+    damaged: list[str] = field(default_factory=list)  # shards whose size differs from index.json
 
     def __len__(self) -> int:
         return len(self.label)
@@ -117,14 +119,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load_sidecar(root: Path, s: dict, first_id: int, n_classes: int) -> dict:
+def _load_sidecar(root: Path, s: dict, first_id: int, n_classes: int, damaged: list) -> dict:
     side_path, shard_path = root / s["samples_file"], root / s["file"]
     for p in (shard_path, side_path):
         if not p.is_file():
             raise DataError(f"{p.name}: missing from {root}")
     if shard_path.stat().st_size != s["bytes"]:
-        raise DataError(f"{s['file']}: size {shard_path.stat().st_size} != {s['bytes']} bytes "
-                        f"in index.json (truncated or replaced?)")  # fmt: skip
+        damaged.append(f"{s['file']}: size {shard_path.stat().st_size} != {s['bytes']} bytes "
+                       f"in index.json (truncated or replaced?)")  # fmt: skip
     data = side_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != s["samples_sha256"]:
         raise DataError(f"{s['samples_file']}: sha256 mismatch with index.json")
@@ -140,13 +142,21 @@ def _load_sidecar(root: Path, s: dict, first_id: int, n_classes: int) -> dict:
 
 
 def sample_table(index: Index, split: str, check_checksums: bool = False) -> SampleTable:
-    """Sample arrays of one split; DataError naming the first missing/mismatched file."""
+    """Sample arrays of one split; DataError naming the first missing/mismatched file.
+
+    Without check_checksums a shard whose size differs from index.json is not an error: it is
+    listed in `damaged`, and the loader reads it up to the damage, skipping what it cannot read.
+    """
     info = index.split(split)
     cols: dict[str, list] = {"shard": [], "offset": [], "size": [], "ext": [], "label": []}
+    damaged: list[str] = []
     for i, s in enumerate(info.shards):
-        side = _load_sidecar(index.root, s, len(cols["label"]), len(index.classes))
+        side = _load_sidecar(index.root, s, len(cols["label"]), len(index.classes), damaged)
+        if damaged and check_checksums:
+            raise DataError(damaged[0])
         if check_checksums and _sha256(index.root / s["file"]) != s["sha256"]:
-            raise DataError(f"{s['file']}: sha256 mismatch with index.json (corrupt shard)")
+            raise DataError(f"{s['file']}: sha256 mismatch with index.json (corrupt shard; "
+                            f"data.verify_checksums=false reads what is readable)")
         cols["shard"] += [i] * s["num_samples"]
         for col, key in (
             ("offset", "offsets"),
@@ -158,8 +168,19 @@ def sample_table(index: Index, split: str, check_checksums: bool = False) -> Sam
     return SampleTable(
         np.asarray(cols["shard"], np.int32), np.asarray(cols["offset"], np.int64),
         np.asarray(cols["size"], np.int64), cols["ext"], np.asarray(cols["label"], np.int64),
-        [index.root / s["file"] for s in info.shards],
+        [index.root / s["file"] for s in info.shards], damaged,
     )  # fmt: skip
+
+
+def decompress_readable(raw: bytes) -> bytes:
+    """gunzip as much as is readable: a truncated .tar.gz still yields its first samples."""
+    d, out = zlib.decompressobj(16 + zlib.MAX_WBITS), []
+    for i in range(0, len(raw), 1 << 16):
+        try:
+            out.append(d.decompress(raw[i:i + (1 << 16)]))
+        except zlib.error:
+            break
+    return b"".join(out)
 
 
 class ShardReader:
@@ -187,10 +208,7 @@ class ShardReader:
         if shard in self._cache:
             self._cache.move_to_end(shard)
             return self._cache[shard]
-        try:
-            data = gzip.decompress(self.paths[shard].read_bytes())
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise DataError(f"{self.paths[shard].name}: cannot decompress: {e}") from None
+        data = decompress_readable(self.paths[shard].read_bytes())
         self._cache[shard] = data
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
@@ -309,7 +327,9 @@ def verify_shards(dir: str | Path, progress: bool = True) -> str:
             paths = [index.root / s["file"] for s in sp.shards]
             reader = ShardReader(paths, cache_shards=1)
             for i, s in enumerate(sp.shards):
-                side = _load_sidecar(index.root, s, first, len(index.classes))
+                side = _load_sidecar(index.root, s, first, len(index.classes), damaged := [])
+                if damaged:
+                    raise DataError(damaged[0])
                 _verify_members(paths[i], side, reader, i, index.channels)
                 if _sha256(paths[i]) != s["sha256"]:
                     raise DataError(f"{s['file']}: sha256 mismatch with index.json (corrupt shard)")

@@ -25,6 +25,7 @@ from shardtrain.data import transforms
 from shardtrain.data.codec import decode_image
 from shardtrain.data.index import ShardReader, SampleTable
 from shardtrain.data.plan import TrainPlan, eval_ids
+from shardtrain.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class SampleOptions:
     resized_crop: float = 0.0
     rotation: float = 0.0
     color_jitter: float = 0.0
+    policy: str = "none"  # none | randaugment | trivialaugment
+    random_erasing: float = 0.0  # probability per sample
 
 
 class Batches(Dataset):
@@ -61,7 +64,7 @@ class Batches(Dataset):
         for sample_id in ids.tolist():
             try:
                 image = self.load(sample_id)
-            except (ValueError, OSError) as e:  # corrupt sample: drop it, report it
+            except (ValueError, OSError, DataError) as e:  # corrupt sample: drop and report it
                 skipped.append(f"{self.table.shard_paths[self.table.shard[sample_id]].name}:"
                                f"{sample_id:08d}: {e}")
                 continue
@@ -86,7 +89,10 @@ class Batches(Dataset):
         image = transforms.augment_sample(
             image, gen, out_size=o.image_size, resized_crop=o.resized_crop,
             rotation=o.rotation, color_jitter=o.color_jitter)
-        return image, transforms.sample_crop_flip(gen, o.pad_crop, o.hflip, o.vflip)
+        params = transforms.sample_crop_flip(gen, o.pad_crop, o.hflip, o.vflip)
+        # drawn after the crop/flip params: enabling these leaves the older stream unchanged
+        image = transforms.apply_policy(image, o.policy, gen)
+        return transforms.random_erase(image, gen, o.random_erasing), params
 
 
 def collate(images, labels, params, kept, skipped, options: SampleOptions) -> dict:
@@ -149,5 +155,6 @@ def options_from_config(cfg, channels: int, image_size: int, train: bool) -> Sam
     return SampleOptions(
         channels=channels, image_size=image_size, train=True, seed=cfg.train.seed,
         pad_crop=a.pad_crop, hflip=a.hflip, vflip=a.vflip, resized_crop=a.resized_crop,
-        rotation=a.rotation, color_jitter=a.color_jitter)
+        rotation=a.rotation, color_jitter=a.color_jitter, policy=a.policy,
+        random_erasing=a.random_erasing)
 

@@ -165,3 +165,47 @@ def normalize(
     mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     return (x.float() / 255.0 - mean) / std
+
+
+def apply_policy(img: torch.Tensor, policy: str, gen: torch.Generator) -> torch.Tensor:
+    """uint8 (C, H, W) through torchvision's RandAugment / TrivialAugmentWide, seeded from gen.
+
+    torchvision's v2 policies draw from the global RNG, so they run inside fork_rng() with a
+    seed taken from `gen`: the result depends only on (seed, epoch, sample), and the caller's
+    global RNG state (dropout, ...) is untouched.
+    """
+    from torchvision.transforms import v2
+
+    if policy == "none":
+        return img
+    if policy not in ("randaugment", "trivialaugment"):
+        raise ValueError(f"unknown policy {policy!r}; choose from none, randaugment, "
+                         "trivialaugment")
+    seed = int(torch.randint(0, 2**62, (), generator=gen))
+    transform = v2.RandAugment() if policy == "randaugment" else v2.TrivialAugmentWide()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(img)
+
+
+def random_erase(img: torch.Tensor, gen: torch.Generator, prob: float) -> torch.Tensor:
+    """With probability prob, fill one box (2%-33% of the area, ratio 0.3-3.3) with noise.
+
+    The box parameters are those of torchvision's RandomErasing defaults (value="random": uniform
+    uint8 noise), drawn from gen.
+    """
+    if prob <= 0 or uniform(gen, 0.0, 1.0) >= prob:
+        return img
+    C, H, W = img.shape
+    log_ratio = (math.log(0.3), math.log(1 / 0.3))
+    for _ in range(10):
+        area = H * W * uniform(gen, 0.02, 0.33)
+        aspect = math.exp(uniform(gen, *log_ratio))
+        h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < h < H and 0 < w < W:
+            top, left = randint(gen, H - h), randint(gen, W - w)
+            img = img.clone()
+            noise = torch.randint(0, 256, (C, h, w), generator=gen, dtype=torch.int32)
+            img[:, top:top + h, left:left + w] = noise.to(img.dtype)
+            return img
+    return img

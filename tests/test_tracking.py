@@ -1,0 +1,161 @@
+"""Tracking end to end with W&B offline: one run per job, read back, resumed, compared, swept.
+
+Every W&B run here is offline (helpers.run_shardtrain sets WANDB_MODE=offline) and read back from
+its `.wandb` record file with shardtrain.wandb_offline (no server).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+
+import pytest
+import yaml
+
+from helpers import read_json, read_jsonl, run_shardtrain
+from shardtrain.data.index import index_hash, load_index
+from shardtrain.sweep import (
+    grid_points,
+    list_sweeps,
+    make_sweep,
+    parse_grid_arg,
+    point_name,
+    point_overrides,
+)
+from shardtrain.wandb_offline import find_offline_runs, read_offline_runs_by_id
+
+pytest.importorskip("wandb")
+
+MEDIA = {"media/predictions", "media/confusion_matrix", "media/lr_schedule"}
+
+
+def train(data, out, recipe, *args, nproc=1):
+    return run_shardtrain(["train", "--recipe", recipe, "--data", data, "--out", out, *args],
+                          nproc=nproc, timeout=240)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return a == pytest.approx(b, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(learnable_shards, tiny_recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("track") / "run2"
+    train(learnable_shards, out, tiny_recipe, "train.epochs=2", "log.wandb=true",
+          "log.tags=[t1,t2]", nproc=2)
+    return out
+
+
+def test_two_process_run_is_one_wandb_run_matching_the_run_files(two_process_run,
+                                                                  learnable_shards):
+    out = two_process_run
+    (folder,) = find_offline_runs(out / "wandb")  # exactly one run, made by rank 0
+    final = read_json(out / "final.json")
+    run = read_offline_runs_by_id(out / "wandb", final["wandb_run_id"], wait_seconds=10)
+    assert run.exited and run.paths == [folder]
+    assert (run.group, run.tags, run.job_type) == ("tiny", ["t1", "t2"], "train")
+    assert run.name.startswith("tiny-")
+    # history: every metrics.jsonl record is in the row of its optimizer step, same values
+    rows = {r["_step"]: r for r in run.history}
+    steps = [r["_step"] for r in run.history]
+    assert steps == sorted(set(steps))
+    for record in read_jsonl(out / "metrics.jsonl"):
+        row = rows[record["step"]]
+        for key, value in record.items():
+            if key not in ("kind", "step", "epoch"):
+                assert same(row[key], value), (record["step"], key)
+    assert {"train/loss", "train/lr", "train/images_per_sec", "train/grad_norm"} <= set(rows[2])
+    assert {"val/loss", "val/acc", "val/top5"} <= set(rows[12])
+    # summary and config
+    for key in ("best_val_acc", "test_acc", "test_top5", "train_seconds", "steps"):
+        assert same(run.summary[key], final[key]), key
+    index = load_index(learnable_shards)
+    assert run.config["world_size"] == 2 and run.config["procs_per_node"] == 2
+    assert run.config["classes"] == index.classes
+    assert run.config["index_hash"] == index_hash(learnable_shards)
+    assert run.config["optim"]["max_lr"] == 0.01 and run.config["train"]["epochs"] == 2
+    assert {"git_commit", "torch", "accelerate", "precision"} <= set(run.config)
+    # media at the last step, files on disk
+    media = {m["key"]: m for m in run.media}
+    assert set(media) == MEDIA
+    assert all(m["step"] == final["steps"] and os.path.isfile(m["path"]) for m in media.values())
+    for name in ("predictions.png", "confusion.png", "lr_schedule.png"):
+        assert (out / "plots" / name).is_file()
+
+
+def test_resumed_run_continues_the_same_wandb_run(learnable_shards, tiny_recipe, tmp_path,
+                                                  two_process_run):
+    out = tmp_path / "resumed"
+    train(learnable_shards, out, tiny_recipe, "train.epochs=1", "log.wandb=true")
+    first = read_json(out / "final.json")
+    train(learnable_shards, out, tiny_recipe, "train.epochs=2", "log.wandb=true",
+          "--resume", "auto")
+    second = read_json(out / "final.json")
+    assert second["wandb_run_id"] == first["wandb_run_id"] and second["steps"] == 24
+    folders = find_offline_runs(out / "wandb")
+    assert len(folders) == 2  # one segment per process lifetime, same id
+    run = read_offline_runs_by_id(out / "wandb", first["wandb_run_id"], wait_seconds=10)
+    steps = [r["_step"] for r in run.history]
+    assert steps == sorted(set(steps)) and steps[0] == 2 and steps[-1] == 24
+    assert 12 in steps and 14 in steps
+    assert run.summary["steps"] == 24 and run.config["train"]["epochs"] == 2
+    # a `compare` of two real runs: both rows, and the PNG
+    png = tmp_path / "cmp.png"
+    result = run_shardtrain(["compare", two_process_run, out, "--png", png])
+    assert "run2" in result.stdout and "resumed" in result.stdout and png.is_file()
+
+
+def test_two_point_sweep_trains_both_and_compares(learnable_shards, tiny_recipe, tmp_path):
+    out = tmp_path / "sw"
+    result = run_shardtrain(["sweep", "--recipe", tiny_recipe, "--data", learnable_shards,
+                             "--grid", "optim.max_lr=0.005,0.02", "--out", out, "--name", "lr2",
+                             "train.epochs=1"], timeout=240)
+    dirs = sorted(p for p in out.iterdir() if p.name.startswith("point-"))
+    assert [d.name for d in dirs] == ["point-00-max_lr-0.005", "point-01-max_lr-0.02"]
+    table = (out / "compare.txt").read_text()
+    assert table in result.stdout and (out / "compare.png").is_file()
+    assert all(d.name in table for d in dirs) and "optim.max_lr" in table
+    for d in dirs:
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        assert cfg["log"]["group"] == "lr2" and cfg["log"]["tags"] == ["sweep", "lr2"]
+        assert read_json(d / "final.json")["steps"] == 12
+
+
+def test_slurm_sweep_writes_the_grid_and_submits_an_array(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\necho "Submitted batch job 4242"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    result = run_shardtrain(["sweep", "--grid-file", "regularization", "--data", tmp_path,
+                             "--out", tmp_path / "sw", "--slurm"])
+    assert "4242" in result.stdout and "shardtrain compare" in result.stdout
+    lines = [x for x in (tmp_path / "sw" / "grid.txt").read_text().splitlines()
+             if not x.startswith("#")]
+    assert len(lines) == 4 and all("log.group=regularization" in x for x in lines)
+    args = (tmp_path / "args").read_text().split()
+    assert args[0] == "--array=0-3" and args[2].endswith("slurm/sweep.sbatch")
+    assert "fashion-mnist-mlp" in args and "train.epochs=10" in args
+
+
+def test_grid_parsing_and_points():
+    assert parse_grid_arg("model.widths=[8,16],[16,32]") == ("model.widths", ["[8,16]",
+                                                                             "[16,32]"])
+    points = grid_points({"a.x": ["1", "2"], "b.y": ["u", "v"]})
+    assert points == [["a.x=1", "b.y=u"], ["a.x=1", "b.y=v"], ["a.x=2", "b.y=u"],
+                      ["a.x=2", "b.y=v"]]
+    assert point_name(3, points[3]) == "point-03-x-2-y-v"
+
+
+@pytest.mark.parametrize("name", list_sweeps())
+def test_shipped_sweeps_load_into_valid_configs(name):
+    from shardtrain.config import load_config
+
+    sweep = make_sweep("", [], name, "")
+    assert sweep.recipe == "fashion-mnist-mlp" and len(grid_points(sweep.grid)) >= 2
+    for point in grid_points(sweep.grid):
+        cfg = load_config(sweep.recipe, point_overrides(sweep, point, "p", []) + point)
+        assert cfg.log.group == name
