@@ -271,5 +271,27 @@ def config_hash(cfg: Config, ignore: tuple[str, ...] = ()) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'optim': {'max_lr': 0.1}} -> {'optim.max_lr': 0.1}."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`key: old -> new` for every key set in both configs whose value changed (minus `ignore`).
+
+    Keys added to the config since the checkpoint was written are not changes: an upgrade that
+    adds an option with its default keeps old checkpoints resumable.
+    """
+    old, new = flatten(saved), flatten(asdict(cfg))
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
+            if k not in ignore and old[k] != new[k]]
+
+
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))

@@ -78,6 +78,7 @@ class Loop:
         self.reporter, self.meta, self.out_dir = reporter, meta, out_dir
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.pin = torch.cuda.is_available()
+        self.eval_loaders = {}
         self.preemption = Preemption()
 
     # ---- the loop -------------------------------------------------------------------------
@@ -206,10 +207,13 @@ class Loop:
     def eval_split(self, table, model=None, transform=None) -> dict:
         options = options_from_config(self.cfg, self.data.index.channels, self.data.image_size,
                                       False)
-        loader = make_eval_loader(
-            table, options, world_size=self.accelerator.num_processes,
-            rank=self.accelerator.process_index, batch_size=self.data.plan.batch_per_device * 2,
-            workers=self.cfg.data.workers, pin_memory=self.pin)
+        if id(table) not in self.eval_loaders:  # made once; its workers persist across epochs
+            self.eval_loaders[id(table)] = make_eval_loader(
+                table, options, world_size=self.accelerator.num_processes,
+                rank=self.accelerator.process_index,
+                batch_size=self.data.plan.batch_per_device * 2, workers=self.cfg.data.workers,
+                pin_memory=self.pin, persistent=True)
+        loader = self.eval_loaders[id(table)]
         model = model if model is not None else self.eval_model()
         return evaluate(model, loader, self.accelerator,
                         self.data.batch_opts, len(self.data.index.classes), transform=transform)
@@ -269,6 +273,7 @@ class Loop:
             trainer = {"step": state.step, "world_size": acc.num_processes,
                        "index_hash": index_hash(self.cfg.data.path),
                        "config_hash": config_hash(self.cfg, RESUMABLE_CHANGES),
+                       "config": asdict(self.cfg),
                        "state": asdict(state)}
             save_checkpoint(self.out_dir / "checkpoints", state.step, model_state=model_state,
                             meta=self.meta, optim_state=optim, rng_states=rng_states,

@@ -27,7 +27,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from shardtrain import __version__
 from shardtrain.batch import BatchOptions
 from shardtrain.checkpoint import latest_checkpoint, load_checkpoint
-from shardtrain.config import Config, config_hash, save_config
+from shardtrain.config import Config, config_changes, save_config
 from shardtrain.data.index import index_hash, load_index, sample_table
 from shardtrain.data.plan import TrainPlan, check_batch_layout
 from shardtrain.ema import make_ema, split_ema
@@ -212,8 +212,9 @@ def restore(ckpt: dict, cfg: Config, data: Data, model, optimizer, scheduler, ac
     problems = []
     if t["index_hash"] != index_hash(cfg.data.path):
         problems.append("the dataset index differs from the checkpoint's")
-    if t["config_hash"] != config_hash(cfg, RESUMABLE_CHANGES):
-        problems.append("the config differs from the checkpoint's (beyond epochs/logging)")
+    changes = config_changes(t["config"], cfg, RESUMABLE_CHANGES)
+    if changes:
+        problems.append(f"the config differs from the checkpoint's: {', '.join(changes[:4])}")
     if ckpt["meta"].get("classes") != data.index.classes:
         raise UserError("cannot resume: the dataset's classes differ from the checkpoint's")
     if problems and not allow_changes:

@@ -120,19 +120,29 @@ def make_train_loader(table: SampleTable, plan: TrainPlan, options: SampleOption
     return DataLoader(
         dataset, batch_size=None, sampler=range(start_micro, end_micro), num_workers=workers,
         pin_memory=pin_memory, prefetch_factor=prefetch if workers else None,
+        multiprocessing_context=worker_context(workers),
         # its own generator: drawing worker seeds must not consume the global RNG (dropout),
         # or a resumed run would diverge from an uninterrupted one
         generator=torch.Generator().manual_seed(options.seed))
 
 
 def make_eval_loader(table: SampleTable, options: SampleOptions, *, world_size: int, rank: int,
-                     batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+                     batch_size: int, workers: int, pin_memory: bool,
+                     persistent: bool = False) -> DataLoader:
     """This rank's share of a split, every sample once across ranks (plan.eval_ids)."""
     chunks = EvalChunks(eval_ids(len(table.label), world_size, rank), batch_size)
     dataset = Batches(table, options, chunks, length=len(chunks))
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                       pin_memory=pin_memory, prefetch_factor=2 if workers else None,
+                      multiprocessing_context=worker_context(workers),
+                      persistent_workers=persistent and workers > 0,
                       generator=torch.Generator().manual_seed(0))
+
+
+def worker_context(workers: int) -> str | None:
+    """forkserver, not fork: forking a process that already runs gloo/NCCL and OpenMP threads
+    can deadlock the child (seen here at an epoch-end eval loader), a clean server cannot."""
+    return "forkserver" if workers > 0 else None
 
 
 class EvalChunks:
