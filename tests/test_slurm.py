@@ -64,6 +64,8 @@ pytestmark = pytest.mark.slurm
 def slurm_cluster():
     """Skip the module (checked only when its tests are selected) if no cluster answers."""
     problem = cluster_problem()
+    if problem and os.environ.get("SHARDTRAIN_REQUIRE_SLURM"):  # `make test-slurm` and CI
+        pytest.fail(problem)
     if problem:
         pytest.skip(problem)
 
