@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from helpers import read_json, run_shardtrain
-from shardtrain.lr_find import lr_at, smooth_losses, suggest_lr
+from shardtrain.lr_find import SMOOTHING, lr_at, smooth_losses, suggest_lr
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "shards" / "fashion-mnist-12k"
@@ -48,10 +48,10 @@ def test_smoothing_is_bias_corrected_and_monotone_on_a_decreasing_loss():
     assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1.0)
     assert smooth_losses([3.0, 3.0, 3.0]) == pytest.approx([3.0, 3.0, 3.0])  # no bias to 0
     rng = np.random.default_rng(0)
-    # synthetic: a descending loss with small noise, smoothed over a ~50-step window
+    # synthetic: a descending loss with small noise, smoothed over a ~10-step window
     loss = list(2.3 - np.linspace(0, 1.5, steps) + rng.normal(0, 0.01, steps))
     smoothed = smooth_losses(loss)
-    window = 50  # 1 / (1 - 0.98)
+    window = round(1 / (1 - SMOOTHING))
     for i in range(window, steps):
         assert smoothed[i] <= smoothed[i - window] + 1e-9  # monotone across each window
     clean = smooth_losses(list(2.3 - np.linspace(0, 1.5, steps)))

@@ -280,6 +280,10 @@ class Loop:
                             trainer=trainer, keep=self.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()
 
+    def total_over_ranks(self, count: int) -> int:
+        t = torch.tensor([count], dtype=torch.long, device=self.accelerator.device)
+        return int(self.accelerator.reduce(t, reduction="sum").item())
+
     @torch.no_grad()
     def ranks_identical(self) -> bool:
         """Whether every rank ends with bit-identical weights and buffers (a DDP sanity check)."""
@@ -305,6 +309,7 @@ class Loop:
         final = final_metrics(state, val, test, acc.num_processes, self.out_dir, self.data.plan)
         final.update(extra)
         final["ranks_identical"] = self.ranks_identical()
+        final["skipped_samples"] = self.total_over_ranks(state.skipped_samples)
         self.reporter.finish(final)
         if acc.is_main_process:
             write_eval_files(self.out_dir, val, test, self.data.index.classes, self.cfg.log.plots)
@@ -344,7 +349,10 @@ def final_metrics(state: State, val: dict, test: dict, world_size: int, out_dir:
     }
     if test:
         final.update({"test_acc": test["acc"], "test_loss": test["loss"],
-                      "test_top5": test["top5"], "test_samples": test["samples"]})
+                      "test_top5": test["top5"], "test_samples": test["samples"],
+                      "test_skipped": test["skipped"]})
+    if val:
+        final["val_skipped"] = val["skipped"]
     return final
 
 

@@ -1,0 +1,138 @@
+"""Wall time to 93% / 94% FashionMNIST test accuracy: shardtrain recipe vs the tutorial script.
+
+Each variant runs alone (sequentially), test accuracy after every epoch, and the wall time at which
+each epoch's result appeared, counted from the moment the command was started (process start-up,
+imports and loader start-up included):
+  - shardtrain: `shardtrain train` on the full set packed with no val carve-out (60k train,
+    as the tutorial), `data.val_split=test` so the per-epoch eval is the test set; 2 CPU processes
+    via `accelerate launch` as users run it (`--nproc 1`: plain `shardtrain train`);
+  - tutorial: bench/tutorial_fashion_mnist.py (per-sample PIL transforms, torchvision loader).
+
+    .venv/bin/python bench/time_to_accuracy.py                       # both, ~20 min
+    .venv/bin/python bench/time_to_accuracy.py --only shardtrain --recipe fashion-mnist-resnet9 \
+        --nproc 1 --name shardtrain-1p train.epochs=6                # one more variant
+    .venv/bin/python bench/time_to_accuracy.py --quick               # 1 epoch each (smoke)
+Results are merged into bench/results/time_to_accuracy.json (one record per variant name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, VENV_BIN, ensure_packed, save_json
+
+THRESHOLDS = (0.93, 0.94)
+
+
+def first_time(epochs: list[dict], acc: float) -> float | None:
+    return next((e["time"] for e in epochs if e["test_acc"] >= acc), None)
+
+
+def run_shardtrain(recipe: str, nproc: int, overrides: list[str], name: str) -> dict:
+    data = ensure_packed("fm-npy", "npy")
+    out = RESULTS / "runs" / f"tta-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    train = ["-m", "shardtrain", "train", "--recipe", recipe, "--data", str(data), "--out",
+             str(out), "data.val_split=test", "log.wandb=false", "log.plots=false", *overrides]
+    env = dict(os.environ, WANDB_MODE="disabled")
+    if nproc > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [str(VENV_BIN / "python"), "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", "29731", *train]
+    else:
+        cmd = [str(VENV_BIN / "python"), *train]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(out.parent / f"tta-{name}.log", "w"))
+    metrics, epochs, seen = out / "metrics.jsonl", [], 0
+    while proc.poll() is None or seen < _count_lines(metrics):  # note the time each line lands
+        time.sleep(0.25)
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        now = round(time.perf_counter() - t0, 2)
+        for line in lines[seen:]:
+            rec = json.loads(line)
+            if rec["kind"] == "epoch":
+                epochs.append({"epoch": rec["epoch"], "time": now, "test_acc": rec["val/acc"]})
+                print(f"epoch {rec['epoch']}: test_acc={rec['val/acc']:.4f} t={now:.1f}s",
+                      flush=True)
+        seen = len(lines)
+    wall = round(time.perf_counter() - t0, 2)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed ({proc.returncode}): see {out.parent}/tta-{name}.log")
+    final = json.loads((out / "final.json").read_text())
+    return {"command": " ".join(cmd), "epochs": epochs, "wall_seconds": wall,
+            "train_seconds": final["train_seconds"], "final_test_acc": final["test_acc"],
+            "images_per_second": final["images_per_second"], "world_size": final["world_size"]}
+
+
+def _count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def run_tutorial(epochs: int) -> dict:
+    out = RESULTS / "tutorial.json"
+    cmd = [str(VENV_BIN / "python"), str(Path(__file__).with_name("tutorial_fashion_mnist.py")),
+           "--epochs", str(epochs), "--out", str(out)]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    rec = json.loads(out.read_text())
+    return {"command": " ".join(cmd), "epochs": rec["epochs"],
+            "wall_seconds": round(time.perf_counter() - t0, 2),
+            "final_test_acc": rec["epochs"][-1]["test_acc"]}
+
+
+def summarize(results: dict) -> None:
+    base = results.get("tutorial")
+    for name, r in results.items():
+        r["time_to"] = {str(a): first_time(r["epochs"], a) for a in THRESHOLDS}
+        line = (f"{name:>24}: final test acc {r['final_test_acc']:.4f} after "
+                f"{r['epochs'][-1]['time']:.0f} s")
+        for a in THRESHOLDS:
+            t = r["time_to"][str(a)]
+            line += f"; {a:.0%} at " + (f"{t:.0f} s" if t else "never")
+        if base and name != "tutorial":
+            tb = first_time(base["epochs"], 0.93) or base["epochs"][-1]["time"]
+            t93 = r["time_to"]["0.93"]
+            r["ratio_t93_vs_tutorial"] = round(t93 / tb, 3) if t93 else None
+            within = [e for e in r["epochs"] if e["time"] <= base["epochs"][-1]["time"]]
+            r["best_acc_within_tutorial_time"] = max((e["test_acc"] for e in within), default=None)
+            line += (f"; t93 / tutorial t93 = {r['ratio_t93_vs_tutorial']} (target <= 0.5); best "
+                     f"acc within the tutorial's time {r['best_acc_within_tutorial_time']}")
+        print(line)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="1 epoch each (smoke test)")
+    ap.add_argument("--only", choices=("shardtrain", "tutorial"), default="")
+    ap.add_argument("--recipe", default="fashion-mnist-resnet9")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--name", default="", help="result key (default shardtrain-<nproc>p)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value for shardtrain train")
+    args = ap.parse_args()
+    quick = ["train.epochs=1"] if args.quick else []
+    path = RESULTS / ("time_to_accuracy-quick.json" if args.quick else "time_to_accuracy.json")
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if args.only != "tutorial":
+        name = args.name or f"shardtrain-{args.nproc}p"
+        results[name] = run_shardtrain(args.recipe, args.nproc, args.overrides + quick, name)
+        results[name].update(recipe=args.recipe, overrides=args.overrides)
+        save_json(path, results)
+    if args.only != "shardtrain":
+        results["tutorial"] = run_tutorial(1 if args.quick else 10)
+    summarize(results)
+    save_json(path, results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Damaged shards at train time: skipped and reported, or refused before the first step."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+
+from helpers import read_json, run_shardtrain
+from shardtrain.data.index import load_index, sample_table
+
+
+def damaged_copy(src, tmp_path):
+    d = tmp_path / "shards"
+    shutil.copytree(src, d)
+    return d, sample_table(load_index(d), "train")
+
+
+def train(data, out, recipe, *extra):
+    return run_shardtrain(["train", "--recipe", recipe, "--data", data, "--out", out,
+                           "train.epochs=2", *extra], check=False)
+
+
+def test_corrupt_sample_is_skipped_counted_and_reported(learnable_shards, tiny_recipe, tmp_path):
+    d, table = damaged_copy(learnable_shards, tmp_path)
+    victim = int(np.flatnonzero(table.shard == 0)[3])
+    shard = table.shard_paths[0]
+    data = bytearray(shard.read_bytes())
+    data[table.offset[victim]:table.offset[victim] + 8] = b"garbage!"  # breaks the .npy header
+    shard.write_bytes(bytes(data))
+    r = train(d, tmp_path / "sum", tiny_recipe, "data.verify_checksums=true")
+    assert r.returncode == 1 and "sha256 mismatch" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "sum" / "metrics.jsonl").exists()  # refused before the first step
+    r = train(d, tmp_path / "run", tiny_recipe, "data.verify_checksums=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = read_json(tmp_path / "run" / "final.json")
+    assert final["skipped_samples"] == 2  # once per epoch
+    assert f"{victim:08d}" in final["skipped_examples"][0]
+    assert "skipped corrupt sample" in r.stderr + r.stdout
+
+
+def test_truncated_shard_is_read_up_to_the_damage(learnable_shards, tiny_recipe, tmp_path):
+    d, table = damaged_copy(learnable_shards, tmp_path)
+    shard = table.shard_paths[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    r = train(d, tmp_path / "run", tiny_recipe, "data.verify_checksums=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "reading it up to the damage" in r.stdout + r.stderr
+    final = read_json(tmp_path / "run" / "final.json")
+    assert 0 < final["skipped_samples"] < 2 * 32  # only the unreadable half, each epoch
+
+
+def test_missing_shard_is_an_error_before_the_first_step(learnable_shards, tiny_recipe, tmp_path):
+    d, table = damaged_copy(learnable_shards, tmp_path)
+    table.shard_paths[2].unlink()
+    r = train(d, tmp_path / "run", tiny_recipe)
+    assert r.returncode == 1 and "train-000002.tar: missing" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_batch_not_divisible_is_a_user_error(learnable_shards, tiny_recipe, tmp_path):
+    r = train(learnable_shards, tmp_path / "run", tiny_recipe, "data.batch_size=15",
+              "train.grad_accum=2")
+    assert r.returncode == 2 and "not divisible" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fp16_on_cpu_is_refused(learnable_shards, tiny_recipe, tmp_path):
+    r = train(learnable_shards, tmp_path / "run", tiny_recipe, "train.precision=fp16")
+    assert r.returncode == 2 and "fp16 needs a CUDA GPU" in r.stderr
+
+
+def test_bf16_autocast_trains_on_cpu(learnable_shards, tiny_recipe, tmp_path):
+    r = train(learnable_shards, tmp_path / "run", tiny_recipe, "train.precision=bf16",
+              "train.max_steps=4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_json(tmp_path / "run" / "final.json")["steps"] == 4
