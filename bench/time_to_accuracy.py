@@ -39,6 +39,7 @@ def run_shardtrain(recipe: str, nproc: int, overrides: list[str], name: str) -> 
     data = ensure_packed("fm-npy", "npy")
     out = RESULTS / "runs" / f"tta-{name}"
     shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     train = ["-m", "shardtrain", "train", "--recipe", recipe, "--data", str(data), "--out",
              str(out), "data.val_split=test", "log.wandb=false", "log.plots=false", *overrides]
     env = dict(os.environ, WANDB_MODE="disabled")

@@ -28,7 +28,8 @@ from shardtrain.errors import UserError
 
 def add_pack(sub) -> None:
     p = sub.add_parser("pack", help="pack a dataset into WebDataset shards + index.json")
-    p.add_argument("source", help="image folder, CIFAR batches folder, IDX folder or torchvision:NAME")
+    p.add_argument("source",
+                   help="image folder, CIFAR batches folder, IDX folder or torchvision:NAME")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--val-fraction", type=float, default=0.1,

@@ -263,7 +263,7 @@ def config_dict(cfg: Config) -> dict:
 
 
 def config_hash(cfg: Config, ignore: tuple[str, ...] = ()) -> str:
-    """sha256 of the resolved config (minus `section.key` entries in `ignore`), for resume checks."""
+    """sha256 of the resolved config minus `section.key` entries in `ignore` (recorded)."""
     d = asdict(cfg)
     for key in ignore:
         section, name = key.split(".")

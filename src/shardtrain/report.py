@@ -88,7 +88,8 @@ class Reporter:
         if self.wandb_on:
             self.accelerator.log({k: v for k, v in metrics.items() if k != "epoch"}, step=step)
         if kind == "step" and self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
+                                 lr=f"{metrics['train/lr']:.2e}")
         if kind == "epoch":
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             self.print(f"epoch {metrics.get('epoch')} step {step}: {shown}")

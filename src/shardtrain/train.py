@@ -1,4 +1,4 @@
-"""train(cfg): shards -> trained, evaluated model in RUN_DIR. The only module that knows about ranks.
+"""train(cfg): shards -> trained, evaluated model in RUN_DIR. With loop.py, knows about ranks.
 
 Run on one process:
     shardtrain train --recipe fashion-mnist-resnet9 --data shards/fashion-mnist-12k --out runs/x

@@ -10,7 +10,6 @@ CLI: `shardtrain info DIR`, `shardtrain verify DIR`.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os

@@ -86,7 +86,8 @@ def eval_ids(num_samples: int, world_size: int, rank: int) -> np.ndarray:
     return np.arange(rank, num_samples, world_size, dtype=np.int64)
 
 
-def check_batch_layout(global_batch: int, world_size: int, grad_accum: int, num_samples: int) -> None:
+def check_batch_layout(global_batch: int, world_size: int, grad_accum: int,
+                       num_samples: int) -> None:
     """Raise ValueError when the global batch cannot be split evenly or exceeds the data."""
     per = world_size * grad_accum
     if global_batch % per:
