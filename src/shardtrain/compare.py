@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from shardtrain.config import flatten
 from shardtrain.errors import UserError
 from shardtrain.plots import new_figure, save, series
 
@@ -35,17 +36,6 @@ def load_run(run_dir: Path) -> dict:
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise UserError(f"{run_dir}: unreadable run file: {e}".splitlines()[0]) from None
     return {"name": run_dir.name, "config": flatten(config), "records": records, "final": final}
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"optim": {"max_lr": 0.1}} -> {"optim.max_lr": 0.1}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def differing_keys(configs: list[dict]) -> list[str]:

@@ -110,7 +110,7 @@ class SampleTable:
         return len(self.label)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -153,7 +153,7 @@ def sample_table(index: Index, split: str, check_checksums: bool = False) -> Sam
         side = _load_sidecar(index.root, s, len(cols["label"]), len(index.classes), damaged)
         if damaged and check_checksums:
             raise DataError(damaged[0])
-        if check_checksums and _sha256(index.root / s["file"]) != s["sha256"]:
+        if check_checksums and sha256_file(index.root / s["file"]) != s["sha256"]:
             raise DataError(f"{s['file']}: sha256 mismatch with index.json (corrupt shard; "
                             f"data.verify_checksums=false reads what is readable)")
         cols["shard"] += [i] * s["num_samples"]
@@ -330,7 +330,7 @@ def verify_shards(dir: str | Path, progress: bool = True) -> str:
                 if damaged:
                     raise DataError(damaged[0])
                 _verify_members(paths[i], side, reader, i, index.channels)
-                if _sha256(paths[i]) != s["sha256"]:
+                if sha256_file(paths[i]) != s["sha256"]:
                     raise DataError(f"{s['file']}: sha256 mismatch with index.json (corrupt shard)")
                 for y in side["labels"]:
                     counts[y] += 1

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from shardtrain import __version__
 from shardtrain.data.codec import encode_sample
+from shardtrain.data.index import sha256_file
 from shardtrain.data.sources import Item, open_source
 from shardtrain.errors import UserError
 
@@ -106,14 +107,6 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _ShardWriter:
     """Writes one split's shards, `shard_size` samples each, and their sidecars."""
 
@@ -164,8 +157,8 @@ class _ShardWriter:
         side_path.write_text(json.dumps(self._side, separators=(",", ":")))
         self.shards.append({
             "file": self._path.name, "samples_file": side_path.name,
-            "num_samples": len(self._side["keys"]), "sha256": _sha256(self._path),
-            "samples_sha256": _sha256(side_path), "bytes": self._path.stat().st_size,
+            "num_samples": len(self._side["keys"]), "sha256": sha256_file(self._path),
+            "samples_sha256": sha256_file(side_path), "bytes": self._path.stat().st_size,
         })  # fmt: skip
         self._tar = None
 
