@@ -62,7 +62,8 @@ def run_shardtrain(recipe: str, nproc: int, overrides: list[str], name: str) -> 
         for line in lines[seen:]:
             rec = json.loads(line)
             if rec["kind"] == "epoch":
-                epochs.append({"epoch": rec["epoch"], "time": now, "test_acc": rec["val/acc"]})
+                epochs.append({"epoch": rec["epoch"], "time": now, "test_acc": rec["val/acc"],
+                               "load1": os.getloadavg()[0]})  # machine contention
                 print(f"epoch {rec['epoch']}: test_acc={rec['val/acc']:.4f} t={now:.1f}s",
                       flush=True)
         seen = len(lines)

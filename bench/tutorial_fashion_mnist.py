@@ -6,7 +6,7 @@ RandomCrop(28, padding=4, reflect) + horizontal flip + ToTensor + Normalize per 
 batch 128, torchvision FashionMNIST + DataLoader (2 workers), 10 epochs; test accuracy after every
 epoch, with the wall time (seconds since the script started) at which each epoch ended.
 
-    .venv/bin/python bench/tutorial_fashion_mnist.py [--epochs 10] [--out bench/results/tutorial.json]
+    .venv/bin/python bench/tutorial_fashion_mnist.py [--epochs 10] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -109,7 +110,7 @@ def main() -> None:
             sched.step()
         acc = test_accuracy(model, test_dl)
         epochs.append({"epoch": epoch, "time": round(time.perf_counter() - T0, 2),
-                       "test_acc": acc})
+                       "test_acc": acc, "load1": os.getloadavg()[0]})  # machine contention
         print(f"epoch {epoch}: test_acc={acc:.4f} t={epochs[-1]['time']:.1f}s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"epochs": epochs}, indent=1) + "\n")

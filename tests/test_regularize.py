@@ -153,7 +153,8 @@ def test_tta_in_evaluate_equals_plain_accuracy_for_a_flip_invariant_model():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     loader = [{"images": torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=g),
-               "labels": torch.randint(0, 4, (8,), generator=g)} for _ in range(3)]
+               "labels": torch.randint(0, 4, (8,), generator=g), "skipped": []}
+              for _ in range(3)]
     opts = BatchOptions(torch.full((3,), 0.5), torch.full((3,), 0.25), "standardize")
     acc, model = Accelerator(cpu=True), FlipInvariant()
     plain = evaluate(model, loader, acc, opts, 4)

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -45,8 +46,19 @@ def wait_for_step(out: Path, proc, step: int, timeout: float = 180) -> int:
         if proc.poll() is not None:
             raise AssertionError(f"exited early {proc.returncode}: {proc.stderr.read()[-3000:]}")
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc)
     raise AssertionError("timed out waiting for training progress")
+
+
+def kill_tree(proc, sig=signal.SIGKILL) -> None:
+    """Signal the launcher and every descendant: torch elastic starts its workers in their own
+    sessions, so killing the launcher's process group would leave them training as orphans."""
+    victims = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in victims:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -54,7 +66,9 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("nproc,workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
+@pytest.mark.parametrize("nproc,workers", [
+    (1, 0), pytest.param(1, 2, marks=pytest.mark.slow), pytest.param(2, 0, marks=pytest.mark.slow),
+    (2, 2)])
 def test_kill_9_between_checkpoints_then_resume_is_bitwise_identical(
         learnable_shards, tiny_recipe, tmp_path, nproc, workers):
     data = [f"data.workers={workers}"]
@@ -63,7 +77,7 @@ def test_kill_9_between_checkpoints_then_resume_is_bitwise_identical(
     run_b = tmp_path / "b"
     proc = start(train_args(learnable_shards, run_b, tiny_recipe, *data), nproc)
     killed_at = wait_for_step(run_b, proc, 7)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc)
     proc.wait()
     ckpt_step = load_checkpoint(latest_checkpoint(run_b / "checkpoints"))["trainer"]["step"]
     assert ckpt_step < killed_at < 36 and not (run_b / "final.json").exists()
@@ -79,14 +93,15 @@ def test_kill_9_between_checkpoints_then_resume_is_bitwise_identical(
 def test_preempted_run_resumes_with_another_world_size(learnable_shards, tiny_recipe, tmp_path):
     """SIGUSR1 -> checkpoint at the current step, exit 75; resume on 2 processes finishes."""
     out = tmp_path / "run"
-    proc = start(train_args(learnable_shards, out, tiny_recipe), nproc=1)
+    # loader workers running: SLURM signals every process, they must not die of it
+    proc = start(train_args(learnable_shards, out, tiny_recipe, "data.workers=2"), nproc=1)
     wait_for_step(out, proc, 3)
-    os.killpg(proc.pid, signal.SIGUSR1)
+    kill_tree(proc, signal.SIGUSR1)
     assert proc.wait(timeout=120) == 75, proc.stderr.read()[-2000:]
     saved = load_checkpoint(latest_checkpoint(out / "checkpoints"))["trainer"]
     assert saved["step"] >= 3 and saved["world_size"] == 1
-    result = run_shardtrain(train_args(learnable_shards, out, tiny_recipe, "--resume", "auto"),
-                            nproc=2)
+    result = run_shardtrain(train_args(learnable_shards, out, tiny_recipe, "data.workers=2",
+                                       "--resume", "auto"), nproc=2)
     assert "resumed from step" in result.stdout + result.stderr
     final = read_json(out / "final.json")
     assert final["steps"] == 36 and final["world_size"] == 2

@@ -208,7 +208,8 @@ def add_tools(sub) -> None:
     p.add_argument("--augmented", action="store_true", help="apply the recipe's augmentation")
     p.add_argument("--recipe", default=None, help="recipe for --augmented (name or YAML)")
     p.add_argument("--out", type=Path, default=Path("samples.png"))
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("--set", action="append", default=[], metavar="section.key=value",
+                   help="recipe override (repeatable), e.g. --set augment.random_erasing=0.5")
     p = sub.add_parser("lr-find", help="learning-rate range test: suggested max lr + PNG")
     p.add_argument("--recipe", required=True)
     p.add_argument("--data", help="shard folder (sets data.path)")
@@ -228,7 +229,7 @@ def run_tools(args) -> None:
         from shardtrain.show import show_samples
 
         png, tiles = show_samples(args.dir, args.out, args.split, args.n, args.augmented,
-                                  args.recipe, args.overrides)
+                                  args.recipe, args.set)
         print(f"wrote {png} ({tiles} samples)")
     elif args.command == "lr-find":
         from shardtrain.config import load_config

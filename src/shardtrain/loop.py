@@ -44,6 +44,7 @@ class State:
     train_seconds: float = 0.0
     images_seen: int = 0
     last_val: dict = field(default_factory=dict)
+    fp16_skipped_steps: int = 0  # optimizer steps the fp16 grad scaler skipped (inf/nan grads)
 
 
 class Preemption:
@@ -79,6 +80,7 @@ class Loop:
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.pin = torch.cuda.is_available()
         self.eval_loaders = {}
+        self.fp16 = cfg.train.precision == "fp16"
         self.preemption = Preemption()
 
     # ---- the loop -------------------------------------------------------------------------
@@ -105,9 +107,11 @@ class Loop:
             if self.ema is not None:  # same weights on every rank: update from the unwrapped model
                 self.ema.update(acc.unwrap_model(self.model))
             state.images_seen += cfg.data.batch_size
-            # remember the first non-finite step without a CPU-GPU sync
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
-                                    torch.full_like(first_bad, state.step), first_bad)
+            if self.fp16:  # the grad scaler skips overflowing steps by design: count them
+                state.fp16_skipped_steps += int(acc.optimizer_step_was_skipped)
+            else:  # remember the first non-finite step without a CPU-GPU sync
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                                        torch.full_like(first_bad, state.step), first_bad)
             self.reporter.advance()
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                 self.check_finite(first_bad, state)
@@ -345,6 +349,7 @@ def final_metrics(state: State, val: dict, test: dict, world_size: int, out_dir:
         "world_size": world_size, "train_seconds": round(state.train_seconds, 2),
         "images_per_second": round(state.images_seen / max(state.train_seconds, 1e-9), 1),
         "skipped_samples": state.skipped_samples, "skipped_examples": state.skipped_examples,
+        "fp16_skipped_steps": state.fp16_skipped_steps,
         "wandb_run_id": state.wandb_id, "run_dir": str(out_dir),
     }
     if test:

@@ -15,7 +15,9 @@ Corrupt samples are dropped from their batch and reported in `batch["skipped"]`,
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
+from multiprocessing import forkserver
 
 import numpy as np
 import torch
@@ -120,7 +122,7 @@ def make_train_loader(table: SampleTable, plan: TrainPlan, options: SampleOption
     return DataLoader(
         dataset, batch_size=None, sampler=range(start_micro, end_micro), num_workers=workers,
         pin_memory=pin_memory, prefetch_factor=prefetch if workers else None,
-        multiprocessing_context=worker_context(workers),
+        multiprocessing_context=worker_context(workers), worker_init_fn=ignore_job_signals,
         # its own generator: drawing worker seeds must not consume the global RNG (dropout),
         # or a resumed run would diverge from an uninterrupted one
         generator=torch.Generator().manual_seed(options.seed))
@@ -135,14 +137,36 @@ def make_eval_loader(table: SampleTable, options: SampleOptions, *, world_size: 
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                       pin_memory=pin_memory, prefetch_factor=2 if workers else None,
                       multiprocessing_context=worker_context(workers),
-                      persistent_workers=persistent and workers > 0,
+                      worker_init_fn=ignore_job_signals, persistent_workers=persistent and workers > 0,
                       generator=torch.Generator().manual_seed(0))
+
+
+JOB_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # preemption: the trainer's, not the workers'
 
 
 def worker_context(workers: int) -> str | None:
     """forkserver, not fork: forking a process that already runs gloo/NCCL and OpenMP threads
-    can deadlock the child (seen here at an epoch-end eval loader), a clean server cannot."""
-    return "forkserver" if workers > 0 else None
+    can deadlock the child (seen here at an epoch-end eval loader), a clean server cannot.
+
+    SLURM signals every process of a job step; the server is started with the preemption
+    signals ignored (workers inherit that), so only the trainer reacts: it finishes its step and
+    checkpoints while the workers keep serving batches.
+    """
+    if workers == 0:
+        return None
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in JOB_SIGNALS}
+    try:
+        forkserver.ensure_running()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return "forkserver"
+
+
+def ignore_job_signals(worker_id: int) -> None:
+    """In each worker, after torch installed its own handlers (torch sets one for SIGTERM)."""
+    for sig in JOB_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class EvalChunks:

@@ -1,0 +1,122 @@
+"""bench/results/*.json -> the markdown performance table of the main README.
+
+    .venv/bin/python bench/report.py [--quick]      # prints the table (quick: *-quick.json)
+Benchmarks whose results file is missing are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from common import RESULTS
+
+
+def load(name: str, quick: bool) -> dict | None:
+    path = RESULTS / (f"{name}-quick.json" if quick else f"{name}.json")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def fmt_s(t) -> str:
+    return f"{t:.0f} s" if t is not None else "not reached"
+
+
+def loader_rows(r: dict) -> list[str]:
+    fm, fr, w = r["fashion_mnist_28"], r["fruits_100_jpg"], r["workers"]
+    ips, rat = fm["images_per_sec"], fm["ratio_vs_imagefolder_png"]
+    base = f"torchvision ImageFolder PNG + per-sample PIL aug: {ips['imagefolder_png']:,} img/s"
+    rows = [
+        f"| loader, FashionMNIST 28 px, npy shards, {w} workers (no model) | "
+        f"{ips['shard_npy']:,} img/s | {base} | **{rat['shard_npy']:.1f}x** | ≥ 3x |",
+        f"| loader, FashionMNIST 28 px, png shards, {w} workers | {ips['shard_png']:,} img/s | "
+        f"same | **{rat['shard_png']:.1f}x** | ≥ 3x |",
+        f"| loader, npy shards, 1 worker vs {w} | {ips['shard_npy_1worker']:,} img/s | "
+        f"{ips['shard_npy']:,} img/s ({w} workers) | "
+        f"{ips['shard_npy_1worker'] / ips['shard_npy']:.2f}x | |",
+    ]
+    fi, frat = fr["images_per_sec"], fr["ratio_vs_imagefolder_jpg"]
+    rows.append(f"| loader, 100 px JPEG ({fr['samples']:,} generated, Fruits-360-sized), "
+                f"{w} workers | {fi['shard_jpg']:,} img/s | ImageFolder JPEG: "
+                f"{fi['imagefolder_jpg']:,} img/s | **{frat['shard_jpg']:.1f}x** | |")
+    mem = r["peak_rss_mb"]
+    (a, ma), (b, mb) = sorted(mem.items(), key=lambda kv: int(kv[0].split("_")[0]))
+    rows.append(f"| loader peak RSS (main + workers), {a.replace('_', ' ')} vs "
+                f"{b.replace('_', ' ')} | {ma:,.0f} MB vs {mb:,.0f} MB | | "
+                f"{mb / ma:.2f}x | flat |")
+    return rows
+
+
+def overhead_rows(r: dict) -> list[str]:
+    s, q = r["steps_per_sec"], r["ratio_vs_bare_channels_last"]
+    rows = [f"| trainer loop vs bare PyTorch loop (resnet9 16-128, batch 256, fp32, Adam, "
+            f"clip 0.1, in-memory batch, 1 process) | {s['shardtrain_loop']:.2f} steps/s | "
+            f"{s['bare_channels_last']:.2f} steps/s | **{q['shardtrain_loop']:.3f}** | ≥ 0.97 |",
+            f"| channels_last vs NCHW (bare loop, CPU) | {s['bare_channels_last']:.2f} steps/s | "
+            f"{s['bare_nchw']:.2f} steps/s | {1 / q['bare_nchw']:.2f}x | keep if > 1 |"]
+    if "bare_compiled_channels_last" in s:
+        rows.append(f"| torch.compile vs eager (bare loop, CPU) | "
+                    f"{s['bare_compiled_channels_last']:.2f} steps/s | "
+                    f"{s['bare_channels_last']:.2f} steps/s | "
+                    f"{q['bare_compiled_channels_last']:.2f}x | |")
+    return rows
+
+
+def tta_rows(r: dict) -> list[str]:
+    base = r.get("tutorial")
+    rows = []
+    for name, v in r.items():
+        if name == "tutorial" or not base:
+            continue
+        t93, t94 = v["time_to"]["0.93"], v["time_to"]["0.94"]
+        rows.append(
+            f"| time to 93% test acc, full FashionMNIST: `{v['recipe']}` "
+            f"{' '.join(v.get('overrides', []))} ({v['world_size']} proc) vs tutorial | "
+            f"{fmt_s(t93)} (final {v['final_test_acc']:.4f}) | "
+            f"{fmt_s(base['time_to']['0.93'])} (final {base['final_test_acc']:.4f}, "
+            f"{base['epochs'][-1]['time']:.0f} s) | **{v.get('ratio_t93_vs_tutorial')}** | ≤ 0.5 |")
+        rows.append(f"| best test acc within the tutorial's time: `{name}` | "
+                    f"{v.get('best_acc_within_tutorial_time')} (94% at {fmt_s(t94)}) | "
+                    f"{base['final_test_acc']:.4f} | | ≥ 0.94 |")
+    return rows
+
+
+def pack_rows(r: dict) -> list[str]:
+    rows = []
+    for fmt in ("npy", "png"):
+        m = r[fmt]["median"]
+        s, t = m["shardtrain"], m["tar"]
+        rows.append(f"| `shardtrain pack` FashionMNIST IDX → {fmt} shards ({r[fmt]['images']:,} "
+                    f"images) vs plain tarfile writer | {s['images_per_sec']:,.0f} img/s, "
+                    f"{s['mb_per_sec']:.1f} MB/s | {t['images_per_sec']:,.0f} img/s, "
+                    f"{t['mb_per_sec']:.1f} MB/s | **{r[fmt]['ratio_shardtrain_vs_tar']:.2f}x** "
+                    f"| ≥ 0.5x |")
+    return rows
+
+
+def scaling_rows(r: dict) -> list[str]:
+    i = r["images_per_sec"]
+    best1 = max(i["1p_w1"], i["1p_w2"])
+    return [f"| `shardtrain train` 2 CPU processes vs 1 (fashion-mnist-resnet9, "
+            f"{r['steps']} steps) | {i['2p_w1']:,.0f} img/s | {best1:,.0f} img/s "
+            f"(1 worker: {i['1p_w1']:,.0f}, 2 workers: {i['1p_w2']:,.0f}) | "
+            f"**{r['ratio_2p_vs_1p']:.2f}x** | |"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    lines = ["| benchmark (2 shared CPU cores, no GPU) | shardtrain | baseline | ratio | target |",
+             "|---|---|---|---|---|"]
+    for name, rows in (("loader", loader_rows), ("trainer_overhead", overhead_rows),
+                       ("time_to_accuracy", tta_rows), ("pack", pack_rows),
+                       ("scaling", scaling_rows)):
+        r = load(name, args.quick)
+        if r is not None:
+            lines += rows(r)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
