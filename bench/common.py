@@ -53,15 +53,17 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its children (MB), from psutil."""
+def tree_memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) of a process and all its children in MB. RSS counts pages shared by the
+    workers (torch's libraries) once per process; PSS splits them, so PSS sums to real use."""
     import psutil
 
     p = psutil.Process(pid)
-    total = 0
+    rss = pss = 0
     for q in [p, *p.children(recursive=True)]:
         try:
-            total += q.memory_info().rss
-        except psutil.NoSuchProcess:
+            info = q.memory_full_info()
+            rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return total / 2**20
+    return rss / 2**20, pss / 2**20

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import DATA, FASHION_MNIST, RESULTS, ensure_packed, interleaved, machine, median
-from common import save_json, tree_rss_mb
+from common import save_json, tree_memory_mb
 from PIL import Image
 
 from shardtrain.batch import BatchOptions, prepare_batch
@@ -118,23 +118,24 @@ def timed(loader, finish, limit: int | None = None) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def peak_rss(data: Path, pad: int, workers: int, batches: int) -> float:
-    """Peak RSS (MB) of this process + its loader workers while reading `batches` batches."""
+def peak_memory(data: Path, pad: int, workers: int, batches: int) -> dict:
+    """Peak RSS and PSS (MB) of this process + its loader workers over `batches` batches."""
     import os
 
-    peak, stop = [0.0], threading.Event()
+    peak, stop = [0.0, 0.0], threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], tree_rss_mb(os.getpid()))
-            time.sleep(0.02)
+            rss, pss = tree_memory_mb(os.getpid())
+            peak[:] = max(peak[0], rss), max(peak[1], pss)
+            time.sleep(0.05)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     shard_rate(data, pad, workers, batches)
     stop.set()
     th.join()
-    return peak[0]
+    return {"rss": round(peak[0], 1), "pss": round(peak[1], 1)}
 
 
 def main() -> None:
@@ -175,13 +176,14 @@ def main() -> None:
     out["fruits_100_jpg"] = summarize(rates, "imagefolder_jpg", len(images))
 
     # memory: the same number of batches read from a 10k and a 60k sample set
-    small = ensure_packed("fm-npy-10000", "npy", limit=10_000)
+    small = ensure_packed("fm-npy-idx-10k", "npy", limit=10_000)
     big = ensure_packed("fm-npy", "npy")
     mem_batches = 39  # one full epoch of the 10k set
-    out["peak_rss_mb"] = {
+    out["peak_memory_mb"] = {
         f"{len(sample_table(load_index(d), 'train').label)}_samples":
-            round(peak_rss(d, 2, w, mem_batches), 1) for d in (small, big)}
-    print(f"peak RSS (main + {w} workers, {mem_batches} batches): {out['peak_rss_mb']}")
+            peak_memory(d, 2, w, mem_batches) for d in (small, big)}
+    print(f"peak memory, MB (main + {w} workers, {mem_batches} batches): "
+          f"{out['peak_memory_mb']}")
     save_json(RESULTS / ("loader-quick.json" if args.quick else "loader.json"), out)
 
 

@@ -7,7 +7,7 @@ the raw source and end with the shards on disk:
     class counts and mean/std, index.json);
   - tar: one process, the same val carve-out and order, each sample encoded the same way
     (np.save / PIL PNG) and written with tarfile as `{key}.npy|png` + `{key}.cls`, 1000 per tar.
-npy on the full set, png on a 10k+10k subset (PNG encoding dominates). Interleaved, medians.
+npy on the full set, png on a 5k+5k subset (PNG encoding dominates). Interleaved, medians.
 
     .venv/bin/python bench/pack.py [--quick]
 Writes bench/results/pack.json.
@@ -90,7 +90,7 @@ def main() -> None:
     rounds = 1 if args.quick else 3
     res = {"machine": machine(), "rounds": rounds}
     for fmt, limit in (("npy", 10_000 if args.quick else 0), ("png", 2_000 if args.quick
-                                                              else 10_000)):
+                                                              else 5_000)):
         log: dict = {}
         rates = interleaved({k: (lambda k=k, f=fmt, n=limit, g=log: measure(k, f, n, g))
                              for k in ("shardtrain", "tar")}, rounds)

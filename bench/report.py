@@ -39,11 +39,12 @@ def loader_rows(r: dict) -> list[str]:
     rows.append(f"| loader, 100 px JPEG ({fr['samples']:,} generated, Fruits-360-sized), "
                 f"{w} workers | {fi['shard_jpg']:,} img/s | ImageFolder JPEG: "
                 f"{fi['imagefolder_jpg']:,} img/s | **{frat['shard_jpg']:.1f}x** | |")
-    mem = r["peak_rss_mb"]
+    mem = r["peak_memory_mb"]
     (a, ma), (b, mb) = sorted(mem.items(), key=lambda kv: int(kv[0].split("_")[0]))
-    rows.append(f"| loader peak RSS (main + workers), {a.replace('_', ' ')} vs "
-                f"{b.replace('_', ' ')} | {ma:,.0f} MB vs {mb:,.0f} MB | | "
-                f"{mb / ma:.2f}x | flat |")
+    rows.append(f"| loader peak memory (main + {w} workers; PSS, RSS in brackets), "
+                f"{b.replace('_', ' ')} vs {a.replace('_', ' ')} | {mb['pss']:,.0f} MB "
+                f"({mb['rss']:,.0f}) | {ma['pss']:,.0f} MB ({ma['rss']:,.0f}) | "
+                f"{mb['pss'] / ma['pss']:.2f}x | flat |")
     return rows
 
 

@@ -51,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    steps, rounds = (30, 1) if args.quick else (150, 2)
+    steps, rounds = (30, 1) if args.quick else (80, 2)
     variants = {"1p_w1": lambda: run(1, 1, steps), "2p_w1": lambda: run(2, 1, steps),
                 "1p_w2": lambda: run(1, 2, steps)}
     rates = interleaved(variants, rounds)

@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also the bare loop compiled")
     args = ap.parse_args()
-    steps, rounds = (12, 1) if args.quick else (40, 5)
+    steps, rounds = (12, 1) if args.quick else (40, 3)
     data = ensure_packed("fm-npy", "npy")  # 234 steps per epoch: no epoch end while timed
     cfg = load_config(RECIPE)
     batch = one_batch(data, cfg)

@@ -48,7 +48,9 @@ class State:
 
 
 class Preemption:
-    """SIGUSR1/SIGTERM set a flag; the loop checks it after each optimizer step (not in here)."""
+    """SIGUSR1/SIGTERM set a flag; the loop checks it after optimizer steps (not in here)."""
+
+    CHECK_EVERY = 10  # optimizer steps between agreements when there are several processes
 
     def __init__(self):
         self.requested = False
@@ -58,10 +60,14 @@ class Preemption:
     def handle(self, signum, frame):
         self.requested = True
 
-    def agreed(self, accelerator) -> bool:
-        """True on every rank as soon as any rank got the signal (one tiny all-reduce)."""
+    def agreed(self, accelerator, step: int) -> bool:
+        """True on every rank once any rank got the signal. With several processes that takes
+        a tiny all-reduce (a CPU-GPU sync), so ranks compare notes every CHECK_EVERY steps:
+        seconds, well inside SLURM's --signal lead time."""
         if accelerator.num_processes == 1:
             return self.requested
+        if step % self.CHECK_EVERY:
+            return False
         flag = torch.tensor([float(self.requested)], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
@@ -116,7 +122,7 @@ class Loop:
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                 self.check_finite(first_bad, state)
                 self.log_step(state, loss, lr, window)
-            if self.preemption.agreed(acc):
+            if self.preemption.agreed(acc, state.step):
                 self.check_finite(first_bad, state)
                 self.save(state)
                 self.reporter.print(f"preempted: checkpoint at step {state.step}, exiting "

@@ -137,7 +137,8 @@ def make_eval_loader(table: SampleTable, options: SampleOptions, *, world_size: 
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                       pin_memory=pin_memory, prefetch_factor=2 if workers else None,
                       multiprocessing_context=worker_context(workers),
-                      worker_init_fn=ignore_job_signals, persistent_workers=persistent and workers > 0,
+                      worker_init_fn=ignore_job_signals,
+                      persistent_workers=persistent and workers > 0,
                       generator=torch.Generator().manual_seed(0))
 
 
