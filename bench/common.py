@@ -67,3 +67,18 @@ def tree_memory_mb(pid: int) -> tuple[float, float]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return rss / 2**20, pss / 2**20
+
+
+def train_command(train_args: list[str], nproc: int, port: int) -> tuple[list[str], dict]:
+    """(command, env) running `shardtrain train` on nproc real CPU processes (PITFALLS: needs
+    ACCELERATE_USE_CPU=1 with --multi_gpu; `--cpu --num_processes 2` starts one)."""
+    import os
+
+    env = dict(os.environ, WANDB_MODE="disabled")
+    train = ["-m", "shardtrain", "train", *train_args]
+    if nproc == 1:
+        return [str(VENV_BIN / "python"), *train], env
+    env["ACCELERATE_USE_CPU"] = "1"
+    return [str(VENV_BIN / "python"), "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(port), *train], env

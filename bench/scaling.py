@@ -14,30 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 
-from common import RESULTS, VENV_BIN, ensure_packed, interleaved, machine, median, save_json
+from common import (RESULTS, ensure_packed, interleaved, machine, median, save_json,
+                    train_command)
 
 
 def run(nproc: int, workers: int, steps: int) -> float:
     data = ensure_packed("fm-npy", "npy")
     out = RESULTS / "runs" / f"scaling-{nproc}p-w{workers}"
     shutil.rmtree(out, ignore_errors=True)
-    train = ["-m", "shardtrain", "train", "--recipe", "fashion-mnist-resnet9", "--data",
-             str(data), "--out", str(out), "data.val_split=", "data.test_split=",
-             "log.wandb=false", "log.plots=false", f"train.max_steps={steps}",
-             f"data.workers={workers}"]
-    env = dict(os.environ, WANDB_MODE="disabled")
-    if nproc > 1:
-        env["ACCELERATE_USE_CPU"] = "1"
-        cmd = [str(VENV_BIN / "python"), "-m", "accelerate.commands.launch", "--multi_gpu",
-               "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", "29733", *train]
-    else:
-        cmd = [str(VENV_BIN / "python"), *train]
+    cmd, env = train_command(
+        ["--recipe", "fashion-mnist-resnet9", "--data", str(data), "--out", str(out),
+         "data.val_split=", "data.test_split=", "log.wandb=false", "log.plots=false",
+         f"train.max_steps={steps}", f"data.workers={workers}"], nproc, port=29733)
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     final = json.loads((out / "final.json").read_text())

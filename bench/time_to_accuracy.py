@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, VENV_BIN, ensure_packed, save_json
+from common import RESULTS, VENV_BIN, ensure_packed, save_json, train_command
 
 THRESHOLDS = (0.93, 0.94)
 
@@ -40,16 +40,9 @@ def run_shardtrain(recipe: str, nproc: int, overrides: list[str], name: str) -> 
     out = RESULTS / "runs" / f"tta-{name}"
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    train = ["-m", "shardtrain", "train", "--recipe", recipe, "--data", str(data), "--out",
-             str(out), "data.val_split=test", "log.wandb=false", "log.plots=false", *overrides]
-    env = dict(os.environ, WANDB_MODE="disabled")
-    if nproc > 1:
-        env["ACCELERATE_USE_CPU"] = "1"
-        cmd = [str(VENV_BIN / "python"), "-m", "accelerate.commands.launch", "--multi_gpu",
-               "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", "29731", *train]
-    else:
-        cmd = [str(VENV_BIN / "python"), *train]
+    cmd, env = train_command(
+        ["--recipe", recipe, "--data", str(data), "--out", str(out), "data.val_split=test",
+         "log.wandb=false", "log.plots=false", *overrides], nproc, port=29731)
     print("+", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
