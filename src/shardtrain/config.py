@@ -258,10 +258,6 @@ def closest(word: str, choices: list[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def config_dict(cfg: Config) -> dict:
-    return asdict(cfg)
-
-
 def config_hash(cfg: Config, ignore: tuple[str, ...] = ()) -> str:
     """sha256 of the resolved config minus `section.key` entries in `ignore` (recorded)."""
     d = asdict(cfg)
