@@ -32,7 +32,7 @@ test-slurm: install
 test-all: test test-slow test-slurm
 
 lint: install
-	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check src tests
+	$(PY) -m pip install -q ruff==0.17.6 && $(VENV)/bin/ruff check src tests bench launch
 
 clean:
 	rm -rf runs wandb .pytest_cache

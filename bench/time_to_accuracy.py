@@ -64,6 +64,10 @@ def run_shardtrain(recipe: str, nproc: int, overrides: list[str], name: str) -> 
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}): see {out.parent}/tta-{name}.log")
     final = json.loads((out / "final.json").read_text())
+    if "test_acc_tta" in final:  # the final model under test-time augmentation, at process exit
+        epochs.append({"epoch": "final+tta", "time": wall, "test_acc": final["test_acc_tta"],
+                       "load1": os.getloadavg()[0]})
+        print(f"final + TTA: test_acc={final['test_acc_tta']:.4f} t={wall:.1f}s", flush=True)
     return {"command": " ".join(cmd), "epochs": epochs, "wall_seconds": wall,
             "train_seconds": final["train_seconds"], "final_test_acc": final["test_acc"],
             "images_per_second": final["images_per_second"], "world_size": final["world_size"]}

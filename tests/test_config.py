@@ -13,8 +13,9 @@ def test_every_recipe_loads(name):
 
 
 def test_expected_recipes_ship():
-    assert {"fashion-mnist-resnet9", "fashion-mnist-mlp", "cifar10-resnet9", "cifar10-resnet18",
-            "fruits360-resnet9", "intel-resnet34-transfer", "flowers-transfer"} <= set(list_recipes())
+    expected = {"fashion-mnist-resnet9", "fashion-mnist-mlp", "cifar10-resnet9", "cifar10-resnet18",
+                "fruits360-resnet9", "intel-resnet34-transfer", "flowers-transfer"}
+    assert expected <= set(list_recipes())
 
 
 def test_overrides_are_parsed_and_typed():

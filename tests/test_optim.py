@@ -61,7 +61,7 @@ def test_scheduler_drives_real_optimizer(name, total):
     opt = make_optimizer(name, param_groups(model, 1e-4), lr=123.0)
     sched = make_scheduler(opt, 0.1, total, "onecycle", 0.3, DIV, FINAL)
     lrs = []
-    for step in range(total):
+    for _ in range(total):
         lrs.append(opt.param_groups[0]["lr"])  # lr used by this optimizer step
         model(torch.randn(4, 3)).sum().backward()
         opt.step()

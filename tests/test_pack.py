@@ -19,6 +19,7 @@ import pytest
 from conftest import make_image_folder
 from PIL import Image
 
+from shardtrain.data import codec
 from shardtrain.data.codec import decode_image, encode_sample, to_mode
 from shardtrain.data.index import ShardReader, load_index, sample_table
 from shardtrain.data.pack import write_shards
@@ -256,6 +257,56 @@ def test_decompression_bomb_is_an_error(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ValueError, match="decompression bomb"):
         decode_image(buf.getvalue(), "png", 1)
+
+
+def _pil_decode(data: bytes, channels: int) -> np.ndarray:
+    """The reference decoder: PIL plus shardtrain's mode rules, as (C, H, W)."""
+    arr = np.asarray(to_mode(Image.open(io.BytesIO(data)), channels))
+    return (arr[:, :, None] if arr.ndim == 2 else arr).transpose(2, 0, 1)
+
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_fast_decode_matches_pil_or_falls_back():
+    """The libpng/libjpeg fast path must return PIL's pixels exactly, and hand everything it does
+    not cover (palette, transparency, 16 bit, CMYK, EXIF rotation, wrong channel count) to PIL."""
+    rng = np.random.default_rng(0)
+    gray = Image.fromarray(rng.integers(0, 256, (28, 30), dtype=np.uint8))
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8))
+    rotated = rgb.copy()
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    palette = rgb.convert("P")
+    trns = palette.copy()
+    trns.info["transparency"] = 0
+    cases = {
+        "png L": (_encoded(gray, "PNG"), "png", 1),
+        "png RGB": (_encoded(rgb, "PNG"), "png", 3),
+        "png P": (_encoded(palette, "PNG"), "png", None),
+        "png P+tRNS": (_encoded(trns, "PNG"), "png", None),
+        "png RGBA": (_encoded(rgb.convert("RGBA"), "PNG"), "png", None),
+        "png LA": (_encoded(gray.convert("LA"), "PNG"), "png", None),
+        "png I;16": (_encoded(Image.fromarray(np.full((4, 4), 40000, np.uint16)), "PNG"),
+                     "png", None),
+        "jpg L": (_encoded(gray, "JPEG", quality=90), "jpg", 1),
+        "jpg RGB": (_encoded(rgb, "JPEG", quality=90), "jpg", 3),
+        "jpg progressive": (_encoded(rgb, "JPEG", progressive=True), "jpg", 3),
+        "jpg CMYK": (_encoded(rgb.convert("CMYK"), "JPEG"), "jpg", None),
+        "jpg EXIF rotated": (_encoded(rotated, "JPEG", exif=exif), "jpg", None),
+    }
+    for name, (data, ext, fast_channels) in cases.items():  # fast path only at its own count
+        for channels in (1, 3):
+            got = decode_image(data, ext, channels)
+            np.testing.assert_array_equal(got.numpy(), _pil_decode(data, channels), err_msg=name)
+            took_fast = codec._decode_fast(data, ext, channels) is not None
+            assert took_fast == (channels == fast_channels), (name, channels)
+    truncated = _encoded(rgb, "PNG")[:200]
+    with pytest.raises(ValueError, match="cannot decode image"):
+        decode_image(truncated, "png", 3)
 
 
 def test_encode_formats(tmp_path):

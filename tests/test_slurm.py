@@ -1,7 +1,8 @@
 """Real SLURM jobs on the local 2-node cluster: slurm/train.sbatch, preemption + requeue, sweeps.
 
-Run: bash slurm/cluster/start.sh && PYTHONPATH=src .venv/bin/python -m pytest -m slurm tests/test_slurm.py
-(`make test-slurm` does both). Skipped when `sinfo` is missing or no cluster answers. There is no
+Run: `make test-slurm` (starts the cluster with slurm/cluster/start.sh, runs
+`pytest -m slurm tests/test_slurm.py`, stops it). Fails with a one-line reason when `sinfo` is
+missing or no cluster answers: a green run always means real jobs ran. There is no
 accounting DB: jobs are polled with `scontrol show job` under a deadline, and any job still alive
 when a test ends is cancelled.
 """
@@ -182,7 +183,8 @@ def test_preemption_requeues_and_resumes(two_node_run, tiny_shards, tmp_path, jo
     restarts = int(records[0]["Restarts"])
     final = json.loads((run / "final.json").read_text())
     print(f"requeue: scontrol Restarts={restarts}")
-    print("\n".join(re.findall(r"shardtrain(?: topology| node|: got|: training|: preempted).*", text)))
+    events = r"shardtrain(?: topology| node|: got|: training|: preempted).*"
+    print("\n".join(re.findall(events, text)))
     print("final.json:", json.dumps(final))
     assert restarts >= 1, text[-4000:]
     assert "preempted with a checkpoint; requeueing" in text

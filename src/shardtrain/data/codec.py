@@ -16,12 +16,14 @@ from __future__ import annotations
 import functools
 import io
 import math
+import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torchvision.io import decode_jpeg, decode_png
 
 SMALL_PIXELS = 64 * 64  # "auto" stores images up to 64x64 as raw npy: decoding PNG costs more
 JPEG_QUALITY = 95
@@ -105,8 +107,66 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+_PNG_COLOUR_TYPE = {1: 0, 3: 2}  # IHDR colour type: 0 gray, 2 RGB (8-bit, no palette, no alpha)
+_JPEG_SOF = (0xC0, 0xC1, 0xC2)  # baseline, extended, progressive Huffman: what libjpeg decodes
+
+
+def _plain_png(data: bytes, channels: int) -> bool:
+    """An 8-bit gray/RGB PNG (as pack writes) whose pixels PIL would return unchanged."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or len(data) < 26:
+        return False
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    return (depth == 8 and colour == _PNG_COLOUR_TYPE[channels]
+            and width * height <= Image.MAX_IMAGE_PIXELS
+            and b"tRNS" not in data and b"eXIf" not in data)  # transparency, EXIF -> PIL path
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
+    """(SOF marker, height, width, components) from the JPEG's frame header, or None."""
+    i = 2
+    while i + 10 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width, comps = struct.unpack(">HHB", data[i + 5:i + 10])
+            return marker, height, width, comps
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _plain_jpeg(data: bytes, channels: int) -> bool:
+    """A gray/YCbCr JPEG with no EXIF (so no rotation) in the requested channel count."""
+    if data[:2] != b"\xff\xd8" or b"Exif" in data or b"Adobe" in data:
+        return False
+    frame = _jpeg_frame(data)
+    return (frame is not None and frame[0] in _JPEG_SOF and frame[3] == channels
+            and frame[1] * frame[2] <= Image.MAX_IMAGE_PIXELS)
+
+
+def _decode_fast(data: bytes, ext: str, channels: int) -> torch.Tensor | None:
+    """libpng / libjpeg-turbo through torchvision.io, for members that PIL would decode to the
+    same pixels (what pack writes): ~3x faster than the PIL path on 28 px PNG and 100 px JPEG
+    (bench/loader.py). None -> take the PIL path (other modes, EXIF, errors with a reason)."""
+    if not ((ext == "png" and _plain_png(data, channels))
+            or (ext == "jpg" and _plain_jpeg(data, channels))):
+        return None
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        img = decode_png(buf) if ext == "png" else decode_jpeg(buf)
+    except RuntimeError:
+        return None
+    return img if img.dtype == torch.uint8 and img.shape[0] == channels else None
+
+
 def decode_image(data: bytes, ext: str, channels: int) -> torch.Tensor:
     """Decode one image member into a uint8 tensor (C, H, W); ValueError on undecodable data."""
+    fast = _decode_fast(data, ext, channels)
+    if fast is not None:
+        return fast
     if ext == "npy":
         try:
             arr = _load_npy(data)
