@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +26,9 @@ from shardtrain.data.loader import make_eval_loader, make_train_loader, options_
 from shardtrain.evaluate import evaluate, sync_bn_stats
 from shardtrain.mix import mix_for_step
 from shardtrain.optim import l1_penalty
+from shardtrain.preemption import PREEMPTED_EXIT, Preemption
+from shardtrain.report import final_metrics, write_eval_files
 from shardtrain.tta import make_tta
-
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" -> the SLURM script requeues the job
-
 
 @dataclass
 class State:
@@ -45,31 +43,6 @@ class State:
     images_seen: int = 0
     last_val: dict = field(default_factory=dict)
     fp16_skipped_steps: int = 0  # optimizer steps the fp16 grad scaler skipped (inf/nan grads)
-
-
-class Preemption:
-    """SIGUSR1/SIGTERM set a flag; the loop checks it after optimizer steps (not in here)."""
-
-    CHECK_EVERY = 10  # optimizer steps between agreements when there are several processes
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, accelerator, step: int) -> bool:
-        """True on every rank once any rank got the signal. With several processes that takes
-        a tiny all-reduce (a CPU-GPU sync), so ranks compare notes every CHECK_EVERY steps:
-        seconds, well inside SLURM's --signal lead time."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        if step % self.CHECK_EVERY:
-            return False
-        flag = torch.tensor([float(self.requested)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -344,39 +317,3 @@ RESUMABLE_CHANGES = ("data.path", "data.workers", "data.prefetch", "train.epochs
                      "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.log_every", "train.dist_timeout", "log.wandb", "log.name",
                      "log.group", "log.tags", "log.plots")
-
-
-def final_metrics(state: State, val: dict, test: dict, world_size: int, out_dir: Path,
-                  plan) -> dict:
-    final = {
-        "val_acc": val.get("acc"), "val_loss": val.get("loss"), "val_top5": val.get("top5"),
-        "val_samples": val.get("samples", 0), "best_val_acc": max(state.best_val_acc, 0.0),
-        "epochs": round(state.step / plan.steps_per_epoch, 3), "steps": state.step,
-        "world_size": world_size, "train_seconds": round(state.train_seconds, 2),
-        "images_per_second": round(state.images_seen / max(state.train_seconds, 1e-9), 1),
-        "skipped_samples": state.skipped_samples, "skipped_examples": state.skipped_examples,
-        "fp16_skipped_steps": state.fp16_skipped_steps,
-        "wandb_run_id": state.wandb_id, "run_dir": str(out_dir),
-    }
-    if test:
-        final.update({"test_acc": test["acc"], "test_loss": test["loss"],
-                      "test_top5": test["top5"], "test_samples": test["samples"],
-                      "test_skipped": test["skipped"]})
-    if val:
-        final["val_skipped"] = val["skipped"]
-    return final
-
-
-def write_eval_files(out_dir: Path, val: dict, test: dict, classes: list, plots: bool) -> None:
-    import json
-
-    (out_dir / "eval.json").write_text(json.dumps({"val": val, "test": test}, indent=1))
-    if not plots:
-        return
-    from shardtrain.plots import plot_confusion, plot_curves
-    from shardtrain.report import read_metrics
-
-    plot_curves(read_metrics(out_dir / "metrics.jsonl"), out_dir / "plots")
-    last = test or val
-    if last:
-        plot_confusion(last["confusion"], classes, out_dir / "plots" / "confusion.png")

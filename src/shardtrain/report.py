@@ -131,3 +131,38 @@ def truncate_after(path: Path, step: int) -> None:
     kept = [r for r in records if r["step"] <= step] if step else []
     if len(kept) != len(records) or (not step and path.exists()):
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def final_metrics(state, val: dict, test: dict, world_size: int, out_dir: Path,
+                  plan) -> dict:
+    """final.json: the run's summary from the loop State and the last val/test evaluations."""
+    final = {
+        "val_acc": val.get("acc"), "val_loss": val.get("loss"), "val_top5": val.get("top5"),
+        "val_samples": val.get("samples", 0), "best_val_acc": max(state.best_val_acc, 0.0),
+        "epochs": round(state.step / plan.steps_per_epoch, 3), "steps": state.step,
+        "world_size": world_size, "train_seconds": round(state.train_seconds, 2),
+        "images_per_second": round(state.images_seen / max(state.train_seconds, 1e-9), 1),
+        "skipped_samples": state.skipped_samples, "skipped_examples": state.skipped_examples,
+        "fp16_skipped_steps": state.fp16_skipped_steps,
+        "wandb_run_id": state.wandb_id, "run_dir": str(out_dir),
+    }
+    if test:
+        final.update({"test_acc": test["acc"], "test_loss": test["loss"],
+                      "test_top5": test["top5"], "test_samples": test["samples"],
+                      "test_skipped": test["skipped"]})
+    if val:
+        final["val_skipped"] = val["skipped"]
+    return final
+
+
+def write_eval_files(out_dir: Path, val: dict, test: dict, classes: list, plots: bool) -> None:
+    """eval.json (metrics + confusion matrices); with plots on, the curves and confusion PNGs."""
+    (out_dir / "eval.json").write_text(json.dumps({"val": val, "test": test}, indent=1))
+    if not plots:
+        return
+    from shardtrain.plots import plot_confusion, plot_curves
+
+    plot_curves(read_metrics(out_dir / "metrics.jsonl"), out_dir / "plots")
+    last = test or val
+    if last:
+        plot_confusion(last["confusion"], classes, out_dir / "plots" / "confusion.png")

@@ -32,7 +32,8 @@ from shardtrain.data.index import index_hash, load_index, sample_table
 from shardtrain.data.plan import TrainPlan, check_batch_layout
 from shardtrain.ema import make_ema, split_ema
 from shardtrain.errors import UserError
-from shardtrain.loop import PREEMPTED_EXIT, RESUMABLE_CHANGES, Loop, State
+from shardtrain.loop import RESUMABLE_CHANGES, Loop, State
+from shardtrain.preemption import PREEMPTED_EXIT
 from shardtrain.models import create_model
 from shardtrain.optim import make_optimizer, make_scheduler, param_groups
 from shardtrain.report import Reporter
