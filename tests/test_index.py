@@ -15,14 +15,8 @@ import pytest
 from conftest import make_image_folder
 
 from shardtrain.data.codec import decode_image
-from shardtrain.data.index import (
-    ShardReader,
-    index_hash,
-    info_text,
-    load_index,
-    sample_table,
-    verify_shards,
-)
+from shardtrain.data.index import ShardReader, index_hash, load_index, sample_table
+from shardtrain.data.inspect import info_text, verify_shards
 from shardtrain.data.pack import write_shards
 from shardtrain.errors import DataError, UserError
 

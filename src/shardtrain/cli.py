@@ -141,11 +141,11 @@ def add_small(sub) -> None:
 
 def run_small(args) -> None:
     if args.command == "info":
-        from shardtrain.data.index import info_text
+        from shardtrain.data.inspect import info_text
 
         print(info_text(args.dir))
     elif args.command == "verify":
-        from shardtrain.data.index import verify_shards
+        from shardtrain.data.inspect import verify_shards
 
         print(verify_shards(args.dir))
     elif args.command == "recipes":
