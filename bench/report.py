@@ -65,20 +65,26 @@ def overhead_rows(r: dict) -> list[str]:
 
 def tta_rows(r: dict) -> list[str]:
     base = r.get("tutorial")
+    if not base:
+        return []
+    t_base, end_base = base["time_to"]["0.93"], base["epochs"][-1]["time"]
     rows = []
     for name, v in r.items():
-        if name == "tutorial" or not base:
+        if name == "tutorial":
             continue
-        t93, t94 = v["time_to"]["0.93"], v["time_to"]["0.94"]
+        what = f"`{v['recipe']}` {' '.join(v.get('overrides', []))}".strip()
+        last = v["epochs"][-1]
+        final = f"final {last['test_acc']:.4f} at {last['time']:.0f} s"
         rows.append(
-            f"| time to 93% test acc, full FashionMNIST: `{v['recipe']}` "
-            f"{' '.join(v.get('overrides', []))} ({v['world_size']} proc) vs tutorial | "
-            f"{fmt_s(t93)} (final {v['final_test_acc']:.4f}) | "
-            f"{fmt_s(base['time_to']['0.93'])} (final {base['final_test_acc']:.4f}, "
-            f"{base['epochs'][-1]['time']:.0f} s) | **{v.get('ratio_t93_vs_tutorial')}** | ≤ 0.5 |")
-        rows.append(f"| best test acc within the tutorial's time: `{name}` | "
-                    f"{v.get('best_acc_within_tutorial_time')} (94% at {fmt_s(t94)}) | "
-                    f"{base['final_test_acc']:.4f} | | ≥ 0.94 |")
+            f"| time to 93% test acc, full FashionMNIST: {what} ({v['world_size']} proc) vs "
+            f"tutorial recipe | {fmt_s(v['time_to']['0.93'])} ({final}) | {fmt_s(t_base)} "
+            f"(final {base['final_test_acc']:.4f} at {end_base:.0f} s) | "
+            f"**{v.get('ratio_t93_vs_tutorial')}** | ≤ 0.5 |")
+        best = v.get("best_acc_within_tutorial_time")
+        rows.append(
+            f"| best test acc within the tutorial's time ({end_base:.0f} s): {what} | "
+            f"**{best}** (94% at {fmt_s(v['time_to']['0.94'])}) | {base['final_test_acc']:.4f} "
+            f"| | ≥ 0.94 |")
     return rows
 
 

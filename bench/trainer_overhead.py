@@ -1,7 +1,9 @@
 """Optimizer steps/s of shardtrain's training loop vs a bare PyTorch loop, same in-memory batch.
 
-Both: resnet9 16-32-64-128, batch 256, fp32, Adam (wd 1e-4), clip_value 0.1, label smoothing 0.1,
-one-cycle, 1 process on this CPU, one FashionMNIST batch reused for every step.
+Both: resnet9 16-32-64-128, batch 256, Adam (wd 1e-4), clip_value 0.1, label smoothing 0.1,
+one-cycle, 1 process on this CPU, one FashionMNIST batch reused for every step; each pair in fp32
+and in bf16 autocast (the precision lever: `train.precision=auto` picks bf16 on CPUs with
+AVX512-BF16/AMX, as here).
   - bare (channels_last, and NCHW as a lever check): forward, loss, backward,
     clip_grad_value_, optimizer.step, zero_grad(set_to_none), scheduler.step;
   - shardtrain: the real `Loop.run` of loop.py, built by train.py's own functions (accelerator,
@@ -100,7 +102,8 @@ def shardtrain_runner(data: Path, batch: dict, steps: int, out: Path, extra=()):
     return run
 
 
-def bare_runner(batch: dict, cfg, steps: int, channels_last: bool, compile_: bool = False):
+def bare_runner(batch: dict, cfg, steps: int, channels_last: bool, compile_: bool = False,
+                bf16: bool = False):
     torch.manual_seed(0)
     model = create_model("resnet9", 10, 1, widths=cfg.model.widths)
     mem = torch.channels_last if channels_last else torch.contiguous_format
@@ -116,7 +119,8 @@ def bare_runner(batch: dict, cfg, steps: int, channels_last: bool, compile_: boo
         times = []
         for _ in range(steps):
             times.append(time.perf_counter())
-            loss = loss_fn(fwd(x), y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(fwd(x), y)
             loss.backward()
             torch.nn.utils.clip_grad_value_(model.parameters(), 0.1)
             opt.step()
@@ -139,10 +143,13 @@ def main() -> None:
     cfg = load_config(RECIPE)
     batch = one_batch(data, cfg)
     out = Path(tempfile.mkdtemp(prefix="shardtrain-bench-"))
+    fp32, bf16 = ["train.precision=no"], ["train.precision=bf16"]
     variants = {
         "bare_channels_last": bare_runner(batch, cfg, steps, True),
-        "shardtrain_loop": shardtrain_runner(data, batch, steps, out / "a"),
+        "shardtrain_loop": shardtrain_runner(data, batch, steps, out / "a", fp32),
         "bare_nchw": bare_runner(batch, cfg, steps, False),
+        "bare_bf16_channels_last": bare_runner(batch, cfg, steps, True, bf16=True),
+        "shardtrain_loop_bf16": shardtrain_runner(data, batch, steps, out / "b", bf16),
     }
     if args.compile:
         variants["bare_compiled_channels_last"] = bare_runner(batch, cfg, steps, True, True)
@@ -154,8 +161,11 @@ def main() -> None:
            "batch": BATCH, "steps_per_sec": {k: round(v, 3) for k, v in meds.items()},
            "all_rates": {k: [round(r, 3) for r in v] for k, v in rates.items()},
            "ratio_vs_bare_channels_last": {k: round(v / base, 3) for k, v in meds.items()}}
+    res["ratio_loop_vs_bare_bf16"] = round(meds["shardtrain_loop_bf16"]
+                                           / meds["bare_bf16_channels_last"], 3)
     for k, v in meds.items():
         print(f"{k:>28}: {v:6.3f} steps/s ({v * BATCH:6.0f} img/s)  {v / base:.3f}x bare")
+    print(f"shardtrain loop / bare loop, both bf16 autocast: {res['ratio_loop_vs_bare_bf16']:.3f}")
     save_json(RESULTS / ("trainer_overhead-quick.json" if args.quick else
                          "trainer_overhead.json"), res)
 

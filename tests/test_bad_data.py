@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import torch
 
 from helpers import read_json, run_shardtrain
 from shardtrain.data.index import load_index, sample_table
@@ -74,3 +75,19 @@ def test_bf16_autocast_trains_on_cpu(learnable_shards, tiny_recipe, tmp_path):
               "train.max_steps=4")
     assert r.returncode == 0, r.stderr[-2000:]
     assert read_json(tmp_path / "run" / "final.json")["steps"] == 4
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    from shardtrain.train import resolve_precision
+
+    assert resolve_precision("no", cuda=False) == "no"  # explicit choices are kept
+    assert resolve_precision("bf16", cuda=False) == "bf16"
+    for avx512_bf16, amx, expected in ((True, False, "bf16"), (False, True, "bf16"),
+                                       (False, False, "no")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_precision("auto", cuda=False) == expected
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. V100, T4
+    assert resolve_precision("auto", cuda=True) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_precision("auto", cuda=True) == "bf16"

@@ -98,7 +98,7 @@ class TrainConfig:
     epochs: int = 10
     max_steps: int = 0  # stop after this many optimizer steps (0 = epochs x steps_per_epoch)
     seed: int = 0
-    precision: str = "no"  # no | bf16 | fp16 (fp16 needs CUDA)
+    precision: str = "no"  # no | bf16 | fp16 (fp16 needs CUDA) | auto (bf16 where native)
     grad_accum: int = 1  # micro-batches per optimizer step
     eval_every: int = 1  # epochs between validations
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0 = each epoch end)
@@ -136,7 +136,7 @@ class Config:
     def __post_init__(self):
         check_choice("optim.name", self.optim.name, ["adam", "adamw", "sgd"])
         check_choice("optim.schedule", self.optim.schedule, ["onecycle", "cosine", "constant"])
-        check_choice("train.precision", self.train.precision, ["no", "bf16", "fp16"])
+        check_choice("train.precision", self.train.precision, ["no", "bf16", "fp16", "auto"])
         check_choice("data.scaling", self.data.scaling, ["standardize", "unit", "none"])
         check_choice("model.init", self.model.init, ["default", "xavier"])
         check_choice("augment.policy", self.augment.policy,

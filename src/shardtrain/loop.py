@@ -59,7 +59,7 @@ class Loop:
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.pin = torch.cuda.is_available()
         self.eval_loaders = {}
-        self.fp16 = cfg.train.precision == "fp16"
+        self.fp16 = accelerator.mixed_precision == "fp16"
         self.preemption = Preemption()
 
     # ---- the loop -------------------------------------------------------------------------
