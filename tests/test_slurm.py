@@ -196,6 +196,22 @@ def test_preemption_requeues_and_resumes(two_node_run, tiny_shards, tmp_path, jo
     assert final["val_samples"] == split_count(tiny_shards, "val")
 
 
+def test_failed_job_keeps_the_trainer_exit_code_and_is_not_requeued(tiny_shards, tmp_path, jobs):
+    """A user error on both nodes: the job fails with the trainer's code 2 (not the launcher's
+    1, not 75), names the mistake, and is not requeued."""
+    job = jobs.submit(["--nodes=2", "-o", "slurm-%j.out", "slurm/train.sbatch",
+                       *train_args(tiny_shards, tmp_path / "run"), "optim.max_lrr=0.1"], tmp_path)
+    log = tmp_path / f"slurm-{job}.out"
+    record = wait_done(job, log=log)[0]
+    text = log.read_text()
+    print(f"JobState={record['JobState']} ExitCode={record['ExitCode']} "
+          f"Restarts={record['Restarts']}")
+    print("\n".join(re.findall(r"shardtrain(?: node|: training|: a node).*", text)))
+    assert (record["JobState"], record["ExitCode"]) == ("FAILED", "2:0"), text[-3000:]
+    assert record["Restarts"] == "0" and "requeueing" not in text
+    assert "did you mean 'optim.max_lr'" in text
+
+
 def test_sweep_array(tiny_shards, tmp_path, jobs):
     grid = tmp_path / "grid.txt"
     grid.write_text("# lr grid\noptim.max_lr=0.005\n\noptim.max_lr=0.02 optim.weight_decay=0\n")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from shardtrain.config import flatten
+from shardtrain.config import flatten, load_yaml
 from shardtrain.errors import UserError
 from shardtrain.plots import new_figure, save, series
 
@@ -29,7 +29,7 @@ def load_run(run_dir: Path) -> dict:
     if missing:
         raise UserError(f"{run_dir} is not a finished run folder (missing {', '.join(missing)})")
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        config = load_yaml((run_dir / "config.yaml").read_text()) or {}
         final = json.loads((run_dir / "final.json").read_text())
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines if line.strip()]

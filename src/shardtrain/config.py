@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import typing
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -165,6 +166,23 @@ def list_recipes() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as
+    booleans, which would turn `precision: no` (or `train.precision=no`) into False."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text):
+    """Parse YAML text (or an open file) safely, with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def recipe_path(recipe: str) -> Path:
     if recipe.endswith((".yaml", ".yml")) or "/" in recipe:
         path = Path(recipe)
@@ -183,7 +201,7 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> Config:
     if recipe:
         with open(recipe_path(recipe)) as f:
             try:
-                raw = yaml.safe_load(f) or {}
+                raw = load_yaml(f) or {}
             except yaml.YAMLError as e:
                 raise UserError(f"recipe {recipe} is not valid YAML: {e}".splitlines()[0]) from None
         if not isinstance(raw, dict):
@@ -204,11 +222,11 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> Config:
 def parse_value(text: str):
     """`3` -> 3, `0.1` -> 0.1, `true` -> True, `[64,128]` -> list, `a,b` -> ['a', 'b']."""
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text)
     except yaml.YAMLError:
         value = text
     if isinstance(value, str) and "," in value:
-        value = [yaml.safe_load(v) for v in value.split(",")]
+        value = [load_yaml(v) for v in value.split(",")]
     return "" if value is None else value
 
 

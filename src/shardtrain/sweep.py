@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from shardtrain.compare import compare_runs
+from shardtrain.config import load_yaml
 from shardtrain.errors import UserError
 
 
@@ -61,7 +62,7 @@ def load_sweep_file(name_or_path: str) -> Sweep:
                             f"{', '.join(list_sweeps())})")
         path = Path(str(resources.files("shardtrain") / "sweeps" / f"{name_or_path}.yaml"))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"sweep file {path} is not valid YAML: {e}".splitlines()[0]) from None
     unknown = set(raw) - {"name", "recipe", "grid", "overrides"}
