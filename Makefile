@@ -22,11 +22,11 @@ test: install
 	$(PY) -m pytest -q
 
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -rP -m slow  # -rP: print the figures the real-data tests measured
 
 test-slurm: install
 	status=0; bash slurm/cluster/start.sh && \
-	  $(PY) -m pytest -q -m slurm || status=$$?; \
+	  $(PY) -m pytest -q -rP -m slurm || status=$$?; \
 	  bash slurm/cluster/stop.sh; exit $$status
 
 test-all: test test-slow test-slurm

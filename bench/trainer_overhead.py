@@ -1,9 +1,9 @@
 """Optimizer steps/s of shardtrain's training loop vs a bare PyTorch loop, same in-memory batch.
 
 Both: resnet9 16-32-64-128, batch 256, Adam (wd 1e-4), clip_value 0.1, label smoothing 0.1,
-one-cycle, 1 process on this CPU, one FashionMNIST batch reused for every step; each pair in fp32
-and in bf16 autocast (the precision lever: `train.precision=auto` picks bf16 on CPUs with
-AVX512-BF16/AMX, as here).
+one-cycle, 1 process on this CPU, one FashionMNIST batch reused for every step, in fp32 or (with
+`--precision bf16`) bf16 autocast; the bare loop also runs in the other precision (the lever
+behind `train.precision=auto`, which picks bf16 on CPUs with AVX512-BF16/AMX, as here).
   - bare (channels_last, and NCHW as a lever check): forward, loss, backward,
     clip_grad_value_, optimizer.step, zero_grad(set_to_none), scheduler.step;
   - shardtrain: the real `Loop.run` of loop.py, built by train.py's own functions (accelerator,
@@ -16,8 +16,8 @@ Timing: seconds between consecutive batches requested by the loop (= one full st
 the first WARMUP steps of a measurement; variants interleaved A, B, C, A, B, C...; medians.
 `--compile` adds the bare loop under torch.compile (slow to compile on CPU; measured once).
 
-    .venv/bin/python bench/trainer_overhead.py [--quick] [--compile]
-Writes bench/results/trainer_overhead.json.
+    .venv/bin/python bench/trainer_overhead.py [--quick] [--compile] [--precision bf16]
+Writes bench/results/trainer_overhead.json (trainer_overhead-bf16.json with --precision bf16).
 """
 
 from __future__ import annotations
@@ -137,22 +137,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also the bare loop compiled")
+    ap.add_argument("--precision", choices=("no", "bf16"), default="no",
+                    help="of the loop pair (bf16 = autocast); the bare loop also runs in the other")
     args = ap.parse_args()
     steps, rounds = (12, 1) if args.quick else (40, 3)
     data = ensure_packed("fm-npy", "npy")  # 234 steps per epoch: no epoch end while timed
     cfg = load_config(RECIPE)
     batch = one_batch(data, cfg)
     out = Path(tempfile.mkdtemp(prefix="shardtrain-bench-"))
-    fp32, bf16 = ["train.precision=no"], ["train.precision=bf16"]
+    bf16 = args.precision == "bf16"  # accelerate allows one precision per process
     variants = {
-        "bare_channels_last": bare_runner(batch, cfg, steps, True),
-        "shardtrain_loop": shardtrain_runner(data, batch, steps, out / "a", fp32),
-        "bare_nchw": bare_runner(batch, cfg, steps, False),
-        "bare_bf16_channels_last": bare_runner(batch, cfg, steps, True, bf16=True),
-        "shardtrain_loop_bf16": shardtrain_runner(data, batch, steps, out / "b", bf16),
+        "bare_channels_last": bare_runner(batch, cfg, steps, True, bf16=bf16),
+        "shardtrain_loop": shardtrain_runner(data, batch, steps, out / "a",
+                                             [f"train.precision={args.precision}"]),
+        "bare_nchw": bare_runner(batch, cfg, steps, False, bf16=bf16),
+        # the precision lever: the bare loop in the other precision
+        "bare_other_precision_channels_last": bare_runner(batch, cfg, steps, True, bf16=not bf16),
     }
     if args.compile:
-        variants["bare_compiled_channels_last"] = bare_runner(batch, cfg, steps, True, True)
+        variants["bare_compiled_channels_last"] = bare_runner(batch, cfg, steps, True, True,
+                                                              bf16=bf16)
         variants["bare_compiled_channels_last"]()  # compile once, outside the measurement
     rates = interleaved(variants, rounds)
     meds = {k: median(v) for k, v in rates.items()}
@@ -161,13 +165,12 @@ def main() -> None:
            "batch": BATCH, "steps_per_sec": {k: round(v, 3) for k, v in meds.items()},
            "all_rates": {k: [round(r, 3) for r in v] for k, v in rates.items()},
            "ratio_vs_bare_channels_last": {k: round(v / base, 3) for k, v in meds.items()}}
-    res["ratio_loop_vs_bare_bf16"] = round(meds["shardtrain_loop_bf16"]
-                                           / meds["bare_bf16_channels_last"], 3)
+    res["precision"] = args.precision
     for k, v in meds.items():
-        print(f"{k:>28}: {v:6.3f} steps/s ({v * BATCH:6.0f} img/s)  {v / base:.3f}x bare")
-    print(f"shardtrain loop / bare loop, both bf16 autocast: {res['ratio_loop_vs_bare_bf16']:.3f}")
-    save_json(RESULTS / ("trainer_overhead-quick.json" if args.quick else
-                         "trainer_overhead.json"), res)
+        print(f"{k:>34}: {v:6.3f} steps/s ({v * BATCH:6.0f} img/s)  {v / base:.3f}x bare "
+              f"({args.precision})")
+    name = "trainer_overhead" + ("-bf16" if bf16 else "") + ("-quick" if args.quick else "")
+    save_json(RESULTS / f"{name}.json", res)
 
 
 if __name__ == "__main__":

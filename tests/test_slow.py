@@ -37,5 +37,6 @@ def test_demo_recipe_on_committed_subset_reaches_85(tmp_path):
     run_shardtrain(["train", "--recipe", "fashion-mnist-resnet9", "--data",
                     REPO / "shards" / "fashion-mnist-12k", "--out", out], nproc=2, timeout=1200)
     final = read_json(out / "final.json")
+    print(final)
     assert final["world_size"] == 2 and final["test_samples"] == 2000
     assert final["test_acc"] >= 0.85

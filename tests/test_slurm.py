@@ -208,7 +208,7 @@ def test_failed_job_keeps_the_trainer_exit_code_and_is_not_requeued(tiny_shards,
           f"Restarts={record['Restarts']}")
     print("\n".join(re.findall(r"shardtrain(?: node|: training|: a node).*", text)))
     assert (record["JobState"], record["ExitCode"]) == ("FAILED", "2:0"), text[-3000:]
-    assert record["Restarts"] == "0" and "requeueing" not in text
+    assert record["Restarts"] == "0" and "requeueing job" not in text
     assert "did you mean 'optim.max_lr'" in text
 
 

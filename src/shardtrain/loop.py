@@ -300,6 +300,7 @@ class Loop:
             from shardtrain.media import final_media
 
             self.reporter.log_media(state.step, final_media(self, self.total_steps, test or val))
+        self.eval_loaders.clear()  # stop their persistent workers now, not at interpreter exit
         acc.wait_for_everyone()  # else a rank can die at exit and leave the other waiting
         acc.end_training()
         return final
