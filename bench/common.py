@@ -70,8 +70,8 @@ def tree_memory_mb(pid: int) -> tuple[float, float]:
 
 
 def train_command(train_args: list[str], nproc: int, port: int) -> tuple[list[str], dict]:
-    """(command, env) running `shardtrain train` on nproc real CPU processes (PITFALLS: needs
-    ACCELERATE_USE_CPU=1 with --multi_gpu; `--cpu --num_processes 2` starts one)."""
+    """(command, env) running `shardtrain train` on nproc real CPU processes (launch/README.md:
+    needs ACCELERATE_USE_CPU=1 with --multi_gpu; `--cpu --num_processes 2` starts one)."""
     import os
 
     env = dict(os.environ, WANDB_MODE="disabled")

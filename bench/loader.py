@@ -30,7 +30,7 @@ from common import DATA, FASHION_MNIST, RESULTS, ensure_packed, interleaved, mac
 from common import save_json, tree_memory_mb
 from PIL import Image
 
-from shardtrain.batch import BatchOptions, prepare_batch
+from shardtrain.data.batch import BatchOptions, prepare_batch
 from shardtrain.data.index import load_index, sample_table
 from shardtrain.data.loader import SampleOptions, make_train_loader
 from shardtrain.data.plan import TrainPlan

@@ -35,7 +35,7 @@ from common import RESULTS, ensure_packed, interleaved, machine, median, save_js
 import shardtrain.loop
 from shardtrain.config import load_config
 from shardtrain.data.index import load_index, sample_table
-from shardtrain.data.loader import Batches, options_from_config
+from shardtrain.data.loader import Batches, train_options
 from shardtrain.models import create_model
 from shardtrain.optim import make_optimizer, make_scheduler, param_groups
 
@@ -48,7 +48,7 @@ def one_batch(data: Path, cfg) -> dict:
     """The loader's real batch dict for micro-batch 0 (uint8 images + crop/flip parameters)."""
     index = load_index(data)
     table = sample_table(index, "train")
-    options = options_from_config(cfg, index.channels, index.image_size[0], True)
+    options = train_options(cfg.augment, cfg.train.seed, index.channels, index.image_size[0])
     return Batches(table, options, lambda i: (0, torch.arange(BATCH)), 1)[0]
 
 
@@ -92,10 +92,11 @@ def shardtrain_runner(data: Path, batch: dict, steps: int, out: Path, extra=()):
         scheduler = make_scheduler(optimizer, o.max_lr, total, o.schedule, o.warmup_frac,
                                    o.div_factor, o.final_div_factor)
         reporter = T.Reporter(acc, out, total, 0)
-        loop = shardtrain.loop.Loop(cfg, acc, d, model, optimizer, scheduler, reporter, meta, out)
+        loop = shardtrain.loop.Loop(cfg, acc, d, model, optimizer, scheduler, total_steps=total,
+                                    reporter=reporter, meta=meta, out_dir=out)
         clock = StepClock(batch, total)
         with mock.patch.object(shardtrain.loop, "make_train_loader", lambda *a, **k: clock):
-            loop.run(shardtrain.loop.State(), total)
+            loop.run(shardtrain.loop.State())
         reporter.close()
         return clock.steps_per_sec()
 

@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 def launch_cmd(nproc: int) -> list[str]:
-    """2+ real CPU processes (PITFALLS: `--cpu --num_processes 2` silently starts one)."""
+    """2+ real CPU processes (launch/README.md: `--cpu --num_processes 2` silently starts one)."""
     if nproc == 1:
         return [sys.executable, "-m", "shardtrain"]
     return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(nproc),

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from shardtrain.compare import compare_runs
+from shardtrain.tracking.compare import compare_runs
 from shardtrain.errors import UserError
 
 

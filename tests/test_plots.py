@@ -2,7 +2,7 @@
 
 import torch
 
-from shardtrain.plots import plot_confusion, plot_curves, prediction_grid
+from shardtrain.tracking.plots import plot_confusion, plot_curves, prediction_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

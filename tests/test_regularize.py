@@ -8,7 +8,7 @@ from torch import nn
 
 from shardtrain.data.transforms import apply_policy, random_erase, sample_generator
 from shardtrain.ema import EMA, ema_decay_at, split_ema
-from shardtrain.mix import mix_batch, mix_rng
+from shardtrain.data.mix import mix_batch, mix_rng
 from shardtrain.optim import make_optimizer, make_scheduler, param_groups
 from shardtrain.tta import make_tta, tta_logits, tta_views
 
@@ -147,7 +147,7 @@ def test_tta_of_a_flip_invariant_model_equals_plain_eval():
 def test_tta_in_evaluate_equals_plain_accuracy_for_a_flip_invariant_model():
     from accelerate import Accelerator
 
-    from shardtrain.batch import BatchOptions
+    from shardtrain.data.batch import BatchOptions
     from shardtrain.evaluate import evaluate
 
     torch.manual_seed(0)

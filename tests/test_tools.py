@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from helpers import read_json, run_shardtrain
-from shardtrain.lr_find import SMOOTHING, lr_at, smooth_losses, suggest_lr
+from shardtrain.tools.lr_find import SMOOTHING, lr_at, smooth_losses, suggest_lr
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "shards" / "fashion-mnist-12k"
@@ -22,7 +22,7 @@ DEFAULT_DATA = REPO / "shards" / "fashion-mnist-12k"
 @pytest.mark.parametrize("augmented", [False, True])
 def test_show_writes_a_grid_with_the_requested_number_of_tiles(learnable_shards, tiny_recipe,
                                                                tmp_path, augmented):
-    from shardtrain.show import show_samples
+    from shardtrain.tools.show import show_samples
 
     out = tmp_path / "grid.png"
     png, tiles = show_samples(str(learnable_shards), out, "train", 12, augmented,
@@ -106,7 +106,7 @@ def trained(learnable_shards, tiny_recipe, tmp_path_factory):
 
 
 def reference(run: Path, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    from shardtrain.inference import batch_options, load_model
+    from shardtrain.tools.inference import batch_options, load_model
     from shardtrain.data.transforms import normalize
 
     model, meta = load_model(str(run))

@@ -1,7 +1,7 @@
 """Tracking end to end with W&B offline: one run per job, read back, resumed, compared, swept.
 
 Every W&B run here is offline (helpers.run_shardtrain sets WANDB_MODE=offline) and read back from
-its `.wandb` record file with shardtrain.wandb_offline (no server).
+its `.wandb` record file with wandb_offline (no server).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 
 from helpers import read_json, read_jsonl, run_shardtrain
 from shardtrain.data.index import index_hash, load_index
-from shardtrain.sweep import (
+from shardtrain.tracking.sweep import (
     grid_points,
     list_sweeps,
     make_sweep,
@@ -23,7 +23,7 @@ from shardtrain.sweep import (
     point_name,
     point_overrides,
 )
-from shardtrain.wandb_offline import find_offline_runs, read_offline_runs_by_id
+from wandb_offline import find_offline_runs, read_offline_runs_by_id
 
 pytest.importorskip("wandb")
 

@@ -1,4 +1,4 @@
-"""Real W&B offline runs (no server) read back by shardtrain.wandb_offline."""
+"""Real W&B offline runs (no server) read back by wandb_offline."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 
 wandb = pytest.importorskip("wandb")
 
-from shardtrain.wandb_offline import (  # noqa: E402
+from wandb_offline import (  # noqa: E402
     find_offline_runs,
     read_offline_run,
     read_offline_runs_by_id,

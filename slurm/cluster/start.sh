@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # slurm/cluster/start.sh - the project's local SLURM cluster for `make test-slurm` and CI.
-# Adapted from /work/shared/slurm/start-local-slurm.sh (Debian 12 / slurm-wlm 22.05): 2 nodes n1, n2
+# For Debian 12's slurm-wlm 22.05 and munge: 2 nodes n1, n2
 # on 127.0.1.1/2, AuthInfo=cred_expire=10 so `scontrol requeue` restarts a job in ~11 s.
 # Jobs run the repo's .venv python from the same filesystem, so nothing is installed on "nodes".
 #
@@ -14,8 +14,8 @@
 #
 # Knobs (environment):
 #   SHARDTRAIN_SLURM_BASE       state/log/config dir           (default: /tmp/shardtrain-slurm)
-#   SHARDTRAIN_SLURM_PORT       slurmctld port; slurmd ports are 17100+i (default: 6917, so the
-#                               shared /work/shared/slurm cluster on 6817 can run beside it)
+#   SHARDTRAIN_SLURM_PORT       slurmctld port; slurmd ports are 17100+i (default: 6917, so a
+#                               cluster on the default port 6817 can run beside it)
 #   SLURM_LOCAL_NODES           number of virtual nodes        (default: 2)  -> n1..nN
 #   SLURM_LOCAL_CPUS_PER_NODE   CPUs each node advertises      (default: nproc). >nproc is allowed
 #                               (oversubscription; task/none does no binding)

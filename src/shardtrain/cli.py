@@ -1,18 +1,16 @@
-"""`shardtrain COMMAND ...`: parse the command line, then call one function.
+"""shardtrain: pack image datasets into WebDataset shards, train BatchNorm-ResNet classifiers on
+them with HF Accelerate (one CPU to many GPUs and nodes), evaluate, predict and compare runs.
 
-    shardtrain pack SOURCE OUT_DIR [--shard-size N --val-fraction F --limit N --workers N ...]
-    shardtrain info DIR | verify DIR
-    shardtrain train --recipe NAME|PATH --data DIR [--out RUN_DIR] [--resume auto|PATH] [k=v ...]
-    shardtrain eval --checkpoint CKPT --data DIR [--split test]
-    shardtrain predict --checkpoint CKPT IMAGE...
-    shardtrain compare RUN... [--png OUT] | compare --wandb ENTITY/PROJECT [--group G]
-    shardtrain sweep --recipe R --data D --grid k=v1,v2 [--grid-file F] [--out DIR] [--slurm]
-    shardtrain show DIR [--split S --n 64 --augmented --recipe R --out PNG]
-    shardtrain lr-find --recipe R --data D [--start 1e-6 --end 1 --steps 200] [k=v ...]
-    shardtrain export --checkpoint CKPT --format onnx|torchscript [--out FILE]
-    shardtrain recipes | models
+A typical session:
+  shardtrain pack /usr/share/datasets/fashion-mnist shards/fmnist     # raw data -> shards
+  shardtrain train --recipe fashion-mnist-resnet9 --data shards/fmnist --out runs/a
+  accelerate launch -m shardtrain train ...                           # every GPU / node
+  shardtrain eval --checkpoint runs/a --data shards/fmnist
+  shardtrain compare runs/a runs/b
 
-A user mistake (UserError) prints one line on stderr and exits 2 (corrupt data: 1).
+`shardtrain COMMAND --help` explains a command. Config overrides (section.key=value) may stand
+anywhere among a command's options. Exit codes: 0 ok, 1 data error, 2 usage error,
+3 non-finite loss, 75 preempted (requeue me), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -21,13 +19,25 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from shardtrain.errors import UserError
+from shardtrain.errors import ExitCode, UserError
 
 
-def add_pack(sub) -> None:
-    p = sub.add_parser("pack", help="pack a dataset into WebDataset shards + index.json")
+def print_main(message: str) -> None:
+    """Print once per job, not once per process."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
+
+
+def overrides_with_data(args) -> list[str]:
+    return list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
+
+
+# ---- pack, info, verify -------------------------------------------------------------------
+def add_pack(p: argparse.ArgumentParser) -> None:
     p.add_argument("source",
                    help="image folder, CIFAR batches folder, IDX folder or torchvision:NAME")
     p.add_argument("out_dir", type=Path)
@@ -58,53 +68,79 @@ def run_pack(args) -> None:
                  strict=args.strict, overwrite=args.overwrite)
 
 
-def add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a recipe (plain or under `accelerate launch`)")
+def add_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="shard folder (holds index.json)")
+
+
+def run_info(args) -> None:
+    from shardtrain.data.inspect import info_text
+
+    print(info_text(args.dir))
+
+
+def run_verify(args) -> None:
+    from shardtrain.data.inspect import verify_shards
+
+    print(verify_shards(args.dir))
+
+
+# ---- train, recipes, models ---------------------------------------------------------------
+def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="recipe name (`shardtrain recipes`) or YAML")
     p.add_argument("--data", help="shard folder (sets data.path)")
     p.add_argument("--out", type=Path, help="run folder (default runs/RECIPE-TIME)")
     p.add_argument("--resume", default="", help="auto (latest checkpoint in --out) or a path")
     p.add_argument("--allow-changes", action="store_true",
                    help="resume even if the dataset index or config changed (fine-tuning)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (recipe + overrides) as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
 def run_train(args) -> None:
-    from shardtrain.config import load_config
-    from shardtrain.loop import NonFiniteLoss
-    from shardtrain.train import train
+    from shardtrain.config import config_yaml, load_config
 
-    overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
-    cfg = load_config(args.recipe, overrides)
+    cfg = load_config(args.recipe, overrides_with_data(args))
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return
     if cfg.data.path and not Path(cfg.data.path).is_dir():
         raise UserError(f"data folder not found: {cfg.data.path}")
+    from shardtrain.train import train
+
     out = args.out or Path("runs") / f"{Path(cfg.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        final = train(cfg, out, resume=args.resume, allow_changes=args.allow_changes)
-    except NonFiniteLoss as e:
-        print_main(f"shardtrain: error: {e}")
-        sys.exit(3)
+    final = train(cfg, out, resume=args.resume, allow_changes=args.allow_changes)
     summary = f"test_acc={final['test_acc']:.4f} " if final.get("test_acc") is not None else ""
     val = f"val_acc={final['val_acc']:.4f} " if final.get("val_acc") is not None else ""
     print_main(f"done: {summary}{val}steps={final['steps']} world_size={final['world_size']} "
                f"run={out}")
 
 
-def add_eval_predict(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a split")
+def run_recipes(args) -> None:
+    from shardtrain.config import list_recipes, recipe_header
+
+    for name in list_recipes():
+        header = recipe_header(name)
+        print(f"{name}\n  {header.get('purpose', '')}\n  result: {header.get('result', '?')}")
+
+
+def run_models(args) -> None:
+    from shardtrain.models import list_models
+
+    print("\n".join(list_models()))
+
+
+# ---- eval, predict, export, show, lr-find -------------------------------------------------
+def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="model.safetensors, checkpoint or run dir")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--out", type=Path, help="JSON file (default RUN/eval-SPLIT.json)")
     p.add_argument("--batch-size", type=int, default=256)
-    p = sub.add_parser("predict", help="predict the class of image files")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--topk", type=int, default=1)
-    p.add_argument("images", nargs="+")
 
 
 def run_eval(args) -> None:
-    from shardtrain.inference import eval_checkpoint
+    from shardtrain.tools.inference import eval_checkpoint
 
     ckpt = Path(args.checkpoint)
     out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval-{args.split}.json"
@@ -116,8 +152,14 @@ def run_eval(args) -> None:
     print_main(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+def add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="model.safetensors, checkpoint or run dir")
+    p.add_argument("--topk", type=int, default=1)
+    p.add_argument("images", nargs="+")
+
+
 def run_predict(args) -> None:
-    from shardtrain.inference import predict_images
+    from shardtrain.tools.inference import predict_images
 
     failed = 0
     for r in predict_images(args.checkpoint, args.images, args.topk):
@@ -127,45 +169,82 @@ def run_predict(args) -> None:
         else:
             print(f"{r['path']}: " + ", ".join(f"{c} ({p:.3f})" for c, p in r["predictions"]))
     if failed:
-        sys.exit(1)
+        sys.exit(ExitCode.DATA_ERROR)
 
 
-def add_small(sub) -> None:
-    p = sub.add_parser("info", help="summarise a shard folder's index.json")
-    p.add_argument("dir")
-    p = sub.add_parser("verify", help="re-hash every shard and decode every sample")
-    p.add_argument("dir")
-    sub.add_parser("recipes", help="list the shipped recipes")
-    sub.add_parser("models", help="list the registered models")
+def add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="model.safetensors, checkpoint or run dir")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", type=Path, help="default CKPT_DIR/model.onnx or model.pt")
 
 
-def run_small(args) -> None:
-    if args.command == "info":
-        from shardtrain.data.inspect import info_text
+def run_export(args) -> None:
+    from shardtrain.tools.export import export_model
 
-        print(info_text(args.dir))
-    elif args.command == "verify":
-        from shardtrain.data.inspect import verify_shards
-
-        print(verify_shards(args.dir))
-    elif args.command == "recipes":
-        from shardtrain.config import list_recipes
-
-        print("\n".join(list_recipes()))
-    elif args.command == "models":
-        from shardtrain.models import list_models
-
-        print("\n".join(list_models()))
+    print(f"wrote {export_model(args.checkpoint, args.format, args.out)}")
 
 
-def add_compare_sweep(sub) -> None:
-    p = sub.add_parser("compare", help="table (+ PNG) of runs: differing config, final metrics")
+def add_show(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="shard folder (holds index.json)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--n", type=int, default=64, help="number of samples (tiles)")
+    p.add_argument("--augmented", action="store_true", help="apply the recipe's augmentation")
+    p.add_argument("--recipe", default=None, help="recipe for --augmented (name or YAML)")
+    p.add_argument("--out", type=Path, default=Path("samples.png"))
+    p.add_argument("--set", action="append", default=[], metavar="section.key=value",
+                   help="recipe override (repeatable), e.g. --set augment.random_erasing=0.5")
+
+
+def run_show(args) -> None:
+    from shardtrain.tools.show import show_samples
+
+    png, tiles = show_samples(args.dir, args.out, split=args.split, n=args.n,
+                              augmented=args.augmented, recipe=args.recipe, overrides=args.set)
+    print(f"wrote {png} ({tiles} samples)")
+
+
+def add_lr_find(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--data", help="shard folder (sets data.path)")
+    p.add_argument("--start", type=float, default=1e-6)
+    p.add_argument("--end", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--out", type=Path, help="PNG (default runs/lr-find-RECIPE.png; + .json)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+
+
+def run_lr_find(args) -> None:
+    from shardtrain.config import load_config
+    from shardtrain.tools.lr_find import lr_find
+
+    cfg = load_config(args.recipe, overrides_with_data(args))
+    out = args.out or Path("runs") / f"lr-find-{Path(cfg.recipe).stem}.png"
+    r = lr_find(cfg, out, start=args.start, end=args.end, steps=args.steps)
+    print_main(f"suggested max lr: {r['suggested_lr']:.3g} (steepest descent "
+               f"{r['steepest_lr'] or float('nan'):.3g}, min-loss lr / 10 "
+               f"{r['min_div10_lr']:.3g}; {r['steps_run']} steps) -> {out}")
+
+
+# ---- compare, sweep -----------------------------------------------------------------------
+def add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="*", type=Path, help="run folders (written by `train`)")
     p.add_argument("--png", type=Path, default=Path("compare.png"),
                    help="val-curve plot of the run folders (default ./compare.png)")
     p.add_argument("--wandb", metavar="ENTITY/PROJECT", help="compare W&B runs instead (online)")
     p.add_argument("--group", help="with --wandb: only this group (e.g. a sweep name)")
-    p = sub.add_parser("sweep", help="train every point of a grid, then compare them")
+
+
+def run_compare(args) -> None:
+    from shardtrain.tracking.compare import compare_runs, compare_wandb
+
+    if args.wandb:
+        print(compare_wandb(args.wandb, args.group))
+        return
+    print(compare_runs(args.runs, args.png))
+    print(f"wrote {args.png}")
+
+
+def add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="", help="recipe name or YAML (or the sweep file's)")
     p.add_argument("--data", default="", help="shard folder (required unless --list)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -178,18 +257,8 @@ def add_compare_sweep(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
 
 
-def run_compare(args) -> None:
-    from shardtrain.compare import compare_runs, compare_wandb
-
-    if args.wandb:
-        print(compare_wandb(args.wandb, args.group))
-        return
-    print(compare_runs(args.runs, args.png))
-    print(f"wrote {args.png}")
-
-
 def run_sweep(args) -> None:
-    from shardtrain.sweep import list_sweeps, make_sweep, run_sweep
+    from shardtrain.tracking.sweep import list_sweeps, make_sweep, run_sweep
 
     if args.list:
         print("\n".join(list_sweeps()))
@@ -200,83 +269,75 @@ def run_sweep(args) -> None:
     print(run_sweep(sweep, args.data, args.out, args.overrides, slurm=args.slurm))
 
 
-def add_tools(sub) -> None:
-    p = sub.add_parser("show", help="PNG grid of samples with labels (--augmented: as trained)")
-    p.add_argument("dir")
-    p.add_argument("--split", default="train")
-    p.add_argument("--n", type=int, default=64, help="number of samples (tiles)")
-    p.add_argument("--augmented", action="store_true", help="apply the recipe's augmentation")
-    p.add_argument("--recipe", default=None, help="recipe for --augmented (name or YAML)")
-    p.add_argument("--out", type=Path, default=Path("samples.png"))
-    p.add_argument("--set", action="append", default=[], metavar="section.key=value",
-                   help="recipe override (repeatable), e.g. --set augment.random_erasing=0.5")
-    p = sub.add_parser("lr-find", help="learning-rate range test: suggested max lr + PNG")
-    p.add_argument("--recipe", required=True)
-    p.add_argument("--data", help="shard folder (sets data.path)")
-    p.add_argument("--start", type=float, default=1e-6)
-    p.add_argument("--end", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--out", type=Path, help="PNG (default runs/lr-find-RECIPE.png; + .json)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    p = sub.add_parser("export", help="standalone ONNX / TorchScript file (normalisation inside)")
-    p.add_argument("--checkpoint", required=True, help="model.safetensors, checkpoint or run dir")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
-    p.add_argument("--out", type=Path, help="default CKPT_DIR/model.onnx or model.pt")
+# ---- the command table --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None
+    run: Callable[[argparse.Namespace], None]
 
 
-def run_tools(args) -> None:
-    if args.command == "show":
-        from shardtrain.show import show_samples
-
-        png, tiles = show_samples(args.dir, args.out, args.split, args.n, args.augmented,
-                                  args.recipe, args.set)
-        print(f"wrote {png} ({tiles} samples)")
-    elif args.command == "lr-find":
-        from shardtrain.config import load_config
-        from shardtrain.lr_find import lr_find
-
-        overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
-        cfg = load_config(args.recipe, overrides)
-        out = args.out or Path("runs") / f"lr-find-{Path(cfg.recipe).stem}.png"
-        r = lr_find(cfg, out, args.start, args.end, args.steps)
-        print_main(f"suggested max lr: {r['suggested_lr']:.3g} (steepest descent "
-                   f"{r['steepest_lr'] or float('nan'):.3g}, min-loss lr / 10 "
-                   f"{r['min_div10_lr']:.3g}; {r['steps_run']} steps) -> {out}")
-    elif args.command == "export":
-        from shardtrain.export import export_model
-
-        print(f"wrote {export_model(args.checkpoint, args.format, args.out)}")
-
-
-def print_main(message: str) -> None:
-    """Print once per job, not once per process."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message, flush=True)
+COMMANDS: dict[str, Command] = {
+    "pack": Command("pack a dataset into WebDataset shards + index.json", add_pack, run_pack),
+    "info": Command("summarise a shard folder: classes, counts per split, mean/std", add_dir,
+                    run_info),
+    "verify": Command("re-hash every shard and decode every sample (exit 1 if damaged)",
+                      add_dir, run_verify),
+    "train": Command("train a recipe (plain, or under `accelerate launch` / torchrun / srun)",
+                     add_train, run_train),
+    "eval": Command("evaluate a trained model on a split", add_eval, run_eval),
+    "predict": Command("predict the class of image files", add_predict, run_predict),
+    "export": Command("standalone ONNX / TorchScript file (normalisation inside)", add_export,
+                      run_export),
+    "show": Command("PNG grid of samples with labels (--augmented: as trained)", add_show,
+                    run_show),
+    "lr-find": Command("learning-rate range test: suggested max lr + PNG", add_lr_find,
+                       run_lr_find),
+    "compare": Command("table (+ PNG) of runs: differing config, final metrics", add_compare,
+                       run_compare),
+    "sweep": Command("train every point of a grid, then compare them", add_sweep, run_sweep),
+    "recipes": Command("list the shipped recipes with their purpose and measured result", None,
+                       run_recipes),
+    "models": Command("list the registered models", None, run_models),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardtrain", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_pack, add_train, add_eval_predict, add_small, add_compare_sweep, add_tools):
-        add(sub)
+def top_parser() -> argparse.ArgumentParser:
+    """`shardtrain --help`: what the tool is for, then one line per command."""
+    parser = argparse.ArgumentParser(prog="shardtrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        sub.add_parser(name, help=command.help)
     return parser
 
 
-COMMANDS = {"pack": run_pack, "train": run_train, "eval": run_eval, "predict": run_predict,
-            "compare": run_compare, "sweep": run_sweep, "show": run_tools, "lr-find": run_tools,
-            "export": run_tools}
+def command_parser(name: str) -> argparse.ArgumentParser:
+    command = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"shardtrain {name}", description=command.help)
+    if command.add_arguments is not None:
+        command.add_arguments(parser)
+    return parser
+
+
+def parse(argv: list[str]) -> tuple[Command, argparse.Namespace]:
+    """The command and its arguments; options and overrides may be intermixed (argparse's
+    parse_intermixed_args), which a parser with subcommands cannot do, hence one parser each."""
+    if not argv or argv[0].startswith("-") or argv[0] not in COMMANDS:
+        top_parser().parse_args(argv[:1])  # prints help, or the usage error, and exits
+    return COMMANDS[argv[0]], command_parser(argv[0]).parse_intermixed_args(argv[1:])
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    command, args = parse(sys.argv[1:] if argv is None else list(argv))
     try:
-        COMMANDS.get(args.command, run_small)(args)
+        command.run(args)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"shardtrain: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -4,23 +4,21 @@ Defaults live only in the dataclass fields below; a recipe lists only what it ch
 
     cfg = load_config("fashion-mnist-resnet9", ["optim.max_lr=0.02", "train.epochs=3"])
 
-Unknown keys and wrong types raise UserError naming the key (and the closest known key).
+Unknown keys and wrong types raise UserError naming the key (and the closest known key); the
+parsing itself is in _typed.py. RESUMABLE_CHANGES says which keys may differ on `--resume`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import hashlib
 import json
-import re
-import typing
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
+from shardtrain._typed import apply_overrides, check_choice, closest, flatten, from_dict, load_yaml
 from shardtrain.errors import UserError
 
 
@@ -155,32 +153,19 @@ class Config:
             raise UserError(f"optim.warmup_frac must be in [0, 1), got {self.optim.warmup_frac}")
 
 
-def check_choice(key: str, value: str, choices: list[str]) -> None:
-    if value not in choices:
-        raise UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+# Keys that may change between a checkpoint and its resume without --allow-changes: where the
+# data lives and how it is read, how long to train (a longer run continues the same LR schedule),
+# and logging. Anything else (model, optimizer, augmentation, seed) changes what is trained.
+RESUMABLE_CHANGES = ("data.path", "data.workers", "data.prefetch", "train.epochs",
+                     "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.log_every", "train.dist_timeout", "log.wandb", "log.name",
+                     "log.group", "log.tags", "log.plots")
 
 
 def list_recipes() -> list[str]:
     """Names of the recipes shipped in the package."""
     folder = resources.files("shardtrain") / "recipes"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as
-    booleans, which would turn `precision: no` (or `train.precision=no`) into False."""
-
-
-_YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def load_yaml(text):
-    """Parse YAML text (or an open file) safely, with YAML 1.2 booleans."""
-    return yaml.load(text, Loader=_YamlLoader)
 
 
 def recipe_path(recipe: str) -> Path:
@@ -195,6 +180,25 @@ def recipe_path(recipe: str) -> Path:
     return Path(str(resources.files("shardtrain") / "recipes" / f"{recipe}.yaml"))
 
 
+def recipe_header(recipe: str) -> dict[str, str]:
+    """The `# purpose:` and `# result:` lines that open every shipped recipe (airbench-style
+    evidence: what it reached, where, how fast, with which command, when)."""
+    header: dict[str, str] = {}
+    key = None
+    for line in recipe_path(recipe).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        name, sep, rest = text.partition(":")
+        if sep and name in ("purpose", "result"):
+            key, header[name] = name, rest.strip()
+        elif key and line.startswith("#  "):  # an indented continuation line
+            header[key] += " " + text
+        else:
+            key = None
+    return header
+
+
 def load_config(recipe: str | None, overrides: list[str] = ()) -> Config:
     """Recipe YAML (name or path, None = defaults) + `section.key=value` overrides -> Config."""
     raw: dict = {}
@@ -206,74 +210,9 @@ def load_config(recipe: str | None, overrides: list[str] = ()) -> Config:
                 raise UserError(f"recipe {recipe} is not valid YAML: {e}".splitlines()[0]) from None
         if not isinstance(raw, dict):
             raise UserError(f"recipe {recipe} must be a mapping of sections")
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or "." not in key:
-            raise UserError(f"override {item!r} must look like section.key=value")
-        section, name = key.split(".", 1)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise UserError(f"{section} is not a config section")
-        raw[section][name] = parse_value(text)
+    apply_overrides(raw, list(overrides))
     raw.setdefault("recipe", recipe or "")
-    return from_dict(Config, raw, prefix="")
-
-
-def parse_value(text: str):
-    """`3` -> 3, `0.1` -> 0.1, `true` -> True, `[64,128]` -> list, `a,b` -> ['a', 'b']."""
-    try:
-        value = load_yaml(text)
-    except yaml.YAMLError:
-        value = text
-    if isinstance(value, str) and "," in value:
-        value = [load_yaml(v) for v in value.split(",")]
-    return "" if value is None else value
-
-
-def from_dict(cls, raw: dict, prefix: str):
-    """Build dataclass `cls` from a dict, checking every key and type."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in fields:
-            full = f"{prefix}{key}"
-            known = [f"{prefix}{k}" for k in fields]
-            raise UserError(f"unknown config key {full!r}{closest(full, known)}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise UserError(f"{prefix}{key} must be a section (mapping), got {value!r}")
-            kwargs[key] = from_dict(hint, value, prefix=f"{prefix}{key}.")
-        else:
-            kwargs[key] = coerce(f"{prefix}{key}", value, hint)
-    return cls(**kwargs)
-
-
-def coerce(key: str, value, hint):
-    """Check `value` against a field type (int, float, bool, str, list[...]); int -> float ok."""
-    origin = typing.get_origin(hint)
-    if origin is list:
-        (item_type,) = typing.get_args(hint)
-        items = value if isinstance(value, list) else [value]
-        return [coerce(key, v, item_type) for v in items]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads `5e-4` (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise UserError(f"{key} must be {hint.__name__}, got {value!r}")
-    return value
-
-
-def closest(word: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    return from_dict(Config, raw)
 
 
 def config_hash(cfg: Config, ignore: tuple[str, ...] = ()) -> str:
@@ -285,18 +224,8 @@ def config_hash(cfg: Config, ignore: tuple[str, ...] = ()) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{'optim': {'max_lr': 0.1}} -> {'optim.max_lr': 0.1}."""
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_changes(saved: dict, cfg: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+def config_changes(saved: dict, cfg: Config, ignore: tuple[str, ...] = RESUMABLE_CHANGES
+                   ) -> list[str]:
     """`key: old -> new` for every key set in both configs whose value changed (minus `ignore`).
 
     Keys added to the config since the checkpoint was written are not changes: an upgrade that
@@ -307,5 +236,10 @@ def config_changes(saved: dict, cfg: Config, ignore: tuple[str, ...] = ()) -> li
             if k not in ignore and old[k] != new[k]]
 
 
+def config_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML (config.yaml, `train --print-config`)."""
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    path.write_text(config_yaml(cfg))

@@ -84,14 +84,16 @@ def split_ema(state: dict) -> tuple[dict, dict]:
     return model_state, ema_state
 
 
-def make_ema(cfg, model: nn.Module, ckpt: dict | None) -> EMA | None:
-    """EMA of the (unwrapped, on-device) model when train.ema_decay > 0, resumed from ckpt."""
-    if cfg.train.ema_decay <= 0:
+def make_ema(model: nn.Module, decay: float, warmup: int,
+             checkpoint_state: dict | None) -> EMA | None:
+    """EMA of the (unwrapped, on-device) model when decay > 0, resumed from a checkpoint's
+    model state dict (which holds the EMA tensors under `ema.`)."""
+    if decay <= 0:
         return None
-    ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
-    if ckpt is not None:
-        if PREFIX + "n_averaged" not in ckpt["model"]:
+    ema = EMA(model, decay, warmup)
+    if checkpoint_state is not None:
+        if PREFIX + "n_averaged" not in checkpoint_state:
             raise UserError("cannot resume with train.ema_decay > 0: the checkpoint has no EMA "
                             "(it was trained without it)")
-        ema.load_state_dict(ckpt["model"])
+        ema.load_state_dict(checkpoint_state)
     return ema

@@ -1,16 +1,43 @@
-"""UserError: a mistake in the user's input, reported as one line on stderr with exit code 2.
+"""Every exit code of `shardtrain`, and the errors that map to them.
 
-Everything else (bugs, crashes) keeps its traceback. Data corruption found by `verify` exits 1.
+A user mistake or bad data is one line on stderr and a non-zero exit, never a traceback; bugs
+keep their traceback. The codes are what launch scripts and SLURM branch on:
+
+    0    OK            the command did what it was asked
+    1    DATA_ERROR    corrupt or missing shards, a failed download, a failed write (disk full)
+    2    USAGE         a bad command line, recipe, key, path or dataset choice (UserError)
+    3    NON_FINITE    training stopped on a non-finite loss; the last checkpoint predates it
+    75   PREEMPTED     EX_TEMPFAIL: checkpointed on SIGUSR1/SIGTERM; slurm/train.sbatch requeues
+    130  INTERRUPTED   Ctrl-C (128 + SIGINT)
 """
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    DATA_ERROR = 1
+    USAGE = 2
+    NON_FINITE = 3
+    PREEMPTED = 75
+    INTERRUPTED = 130
 
 
 class UserError(Exception):
     """A bad command line, recipe, key, path or dataset: shown without a traceback."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class DataError(UserError):
-    """Corrupt or inconsistent shards/index (exit 1, like `verify`)."""
+    """Corrupt or inconsistent shards/index, or data that cannot be read or written."""
 
-    exit_code = 1
+    exit_code = ExitCode.DATA_ERROR
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN/inf: the run stops without checkpointing past it."""
+
+    exit_code = ExitCode.NON_FINITE

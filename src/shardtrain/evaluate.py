@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shardtrain.batch import BatchOptions, prepare_batch
+from shardtrain.data.batch import BatchOptions, prepare_batch
 
 
 @torch.no_grad()
@@ -26,6 +26,23 @@ def sync_bn_stats(model: torch.nn.Module, accelerator) -> None:
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
             for buf in (module.running_mean, module.running_var):
                 buf.copy_(accelerator.reduce(buf.clone(), reduction="mean"))
+
+
+def sum_over_ranks(count: int, accelerator) -> int:
+    """An integer summed over all ranks (a collective: every rank calls it)."""
+    t = torch.tensor([count], dtype=torch.long, device=accelerator.device)
+    return int(accelerator.reduce(t, reduction="sum").item())
+
+
+@torch.no_grad()
+def ranks_identical(state_dict: dict, accelerator) -> bool:
+    """Whether every rank holds the same weights and buffers (a DDP sanity check)."""
+    if accelerator.num_processes == 1:
+        return True
+    fingerprint = torch.stack([v.double().sum() + v.double().abs().sum()
+                               for v in state_dict.values() if v.is_floating_point()])
+    everyone = accelerator.gather(fingerprint[None])  # (world, n)
+    return bool((everyone == everyone[0]).all())
 
 
 @torch.no_grad()

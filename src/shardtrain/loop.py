@@ -1,10 +1,12 @@
-"""The optimizer-step loop of train(): steps, epoch-end eval, checkpoints, preemption, final files.
+"""Loop: the optimizer-step loop of train(): steps, epoch-end eval, checkpoints, preemption, and
+the final evaluation and files.
 
 Step body (accelerate's gradient_accumulation example):
     with accelerator.accumulate(model): forward, backward, clip on sync, optimizer.step()
-then, once per optimizer step: scheduler.step(), logging, preemption check, checkpoints.
+then, once per optimizer step: scheduler.step(), EMA update, and at boundaries (log steps,
+epoch ends, checkpoints, preemption) one finiteness check before anything is logged or saved.
 The shard loader is NOT passed to accelerator.prepare (it would re-split or dispatch batches the
-plan has already split by rank); batches are moved to the device in batch.prepare_batch.
+plan has already split by rank); batches move to the device in data/batch.py.
 """
 
 from __future__ import annotations
@@ -18,23 +20,25 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
-from shardtrain.batch import prepare_batch
 from shardtrain.checkpoint import save_checkpoint, save_weights
-from shardtrain.config import config_hash
+from shardtrain.config import RESUMABLE_CHANGES, config_hash
+from shardtrain.data.batch import prepare_batch
 from shardtrain.data.index import index_hash
-from shardtrain.data.loader import make_eval_loader, make_train_loader, options_from_config
-from shardtrain.evaluate import evaluate, sync_bn_stats
-from shardtrain.mix import mix_for_step
+from shardtrain.data.loader import eval_options, make_eval_loader, make_train_loader, train_options
+from shardtrain.data.mix import mix_for_step
+from shardtrain.errors import ExitCode, NonFiniteLoss
+from shardtrain.evaluate import evaluate, ranks_identical, sum_over_ranks, sync_bn_stats
 from shardtrain.optim import l1_penalty
-from shardtrain.preemption import PREEMPTED_EXIT, Preemption
-from shardtrain.report import final_metrics, write_eval_files
+from shardtrain.preemption import Preemption
+from shardtrain.tracking.report import final_metrics, write_eval_files
 from shardtrain.tta import make_tta
+
 
 @dataclass
 class State:
     """Where training is: everything the loop mutates, saved in every checkpoint."""
 
-    step: int = 0  # optimizer steps done
+    step: int = 0  # optimizer steps done (also the data position: see data/plan.py)
     best_val_acc: float = -1.0
     wandb_id: str = field(default_factory=lambda: secrets.token_hex(4))
     skipped_samples: int = 0
@@ -45,70 +49,102 @@ class State:
     fp16_skipped_steps: int = 0  # optimizer steps the fp16 grad scaler skipped (inf/nan grads)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+@dataclass
+class Window:
+    """Start of the current timing window (for images/s and train_seconds)."""
+
+    time: float
+    step: int
 
 
 class Loop:
-    def __init__(self, cfg, accelerator, data, model, optimizer, scheduler, reporter, meta,
-                 out_dir: Path, ema=None):
-        self.ema = ema  # ema.EMA or None: evaluated and saved instead of the model when set
+    """Trains `model` for `total_steps` optimizer steps and evaluates it.
+
+    What it trains:
+        model, optimizer: prepared by accelerate; scheduler: not prepared (it steps once per
+            optimizer step here, whatever the world size);
+        ema: an ema.EMA or None; when set it is what is evaluated and saved.
+    How:
+        cfg: the resolved Config; accelerator: devices, precision, collectives;
+        data: train.Data (index, sample tables, epoch plan, batch options);
+        total_steps: optimizer steps of the whole run.
+    Where it writes (files on rank 0 only):
+        reporter: tracking.report.Reporter (prints, metrics.jsonl, W&B, final.json);
+        out_dir: the run folder (checkpoints/, model.safetensors); meta: the metadata stored in
+            every weights file (model name, classes, normalisation).
+    """
+
+    def __init__(self, cfg, accelerator, data, model, optimizer, scheduler, *, total_steps: int,
+                 reporter, meta: dict, out_dir: Path, ema=None):
         self.cfg, self.accelerator, self.data = cfg, accelerator, data
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+        self.total_steps = total_steps
         self.reporter, self.meta, self.out_dir = reporter, meta, out_dir
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.pin = torch.cuda.is_available()
-        self.eval_loaders = {}
         self.fp16 = accelerator.mixed_precision == "fp16"
         self.preemption = Preemption()
+        self.eval_loaders: dict[int, torch.utils.data.DataLoader] = {}  # made once per split
+        self.grad_norm: torch.Tensor | None = None  # measured on the steps that log it
+        # the first optimizer step with a non-finite loss (-1: none yet), kept on the device
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
 
     # ---- the loop -------------------------------------------------------------------------
-    def run(self, state: State, total_steps: int) -> bool:
+    def run(self, state: State) -> bool:
         """Train until total_steps; True if stopped early by a preemption signal."""
         cfg, acc, plan = self.cfg, self.accelerator, self.data.plan
-        self.total_steps = total_steps
-        options = options_from_config(cfg, self.data.index.channels, self.data.image_size, True)
+        options = train_options(cfg.augment, cfg.train.seed, self.data.index.channels,
+                                self.data.image_size)
         loader = make_train_loader(
             self.data.train, plan, options, start_micro=state.step * cfg.train.grad_accum,
-            end_micro=total_steps * cfg.train.grad_accum, workers=cfg.data.workers,
+            end_micro=self.total_steps * cfg.train.grad_accum, workers=cfg.data.workers,
             prefetch=cfg.data.prefetch, pin_memory=self.pin)
         self.set_frozen(state.step // plan.steps_per_epoch)
         self.model.train()
         window = Window(time.perf_counter(), state.step)
-        first_bad = torch.full((), -1, dtype=torch.long, device=acc.device)
         for batch in loader:
             loss = self.micro_step(batch, state)
             if not acc.sync_gradients:
                 continue
             lr = self.scheduler.get_last_lr()[0]  # the lr this step used
-            self.scheduler.step()
-            state.step += 1
-            if self.ema is not None:  # same weights on every rank: update from the unwrapped model
-                self.ema.update(acc.unwrap_model(self.model))
-            state.images_seen += cfg.data.batch_size
-            if self.fp16:  # the grad scaler skips overflowing steps by design: count them
-                state.fp16_skipped_steps += int(acc.optimizer_step_was_skipped)
-            else:  # remember the first non-finite step without a CPU-GPU sync
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
-                                        torch.full_like(first_bad, state.step), first_bad)
-            self.reporter.advance()
-            if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-                self.check_finite(first_bad, state)
+            self.after_optimizer_step(state, loss)
+            last = state.step == self.total_steps
+            logging = state.step % cfg.train.log_every == 0 or last
+            preempted = self.preemption.agreed(acc, state.step)
+            epoch_end = state.step % plan.steps_per_epoch == 0 or last
+            periodic = bool(cfg.train.checkpoint_every
+                            and state.step % cfg.train.checkpoint_every == 0)
+            if logging or preempted or epoch_end or periodic:
+                self.check_finite()  # nothing is logged or saved past a non-finite loss
+            if logging:
                 self.log_step(state, loss, lr, window)
-            if self.preemption.agreed(acc, state.step):
-                self.check_finite(first_bad, state)
+            if preempted:
                 self.save(state)
                 self.reporter.print(f"preempted: checkpoint at step {state.step}, exiting "
-                                    f"{PREEMPTED_EXIT} to be requeued")
+                                    f"{int(ExitCode.PREEMPTED)} to be requeued")
                 self.reporter.close()
                 return True
-            if state.step % plan.steps_per_epoch == 0 or state.step == total_steps:
-                self.check_finite(first_bad, state)
-                self.end_of_epoch(state, total_steps, window)
-            elif cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                self.check_finite(first_bad, state)
+            if epoch_end:
+                self.end_of_epoch(state, window)
+            elif periodic:
                 self.save(state)
         return False
+
+    def after_optimizer_step(self, state: State, loss: torch.Tensor) -> None:
+        """Schedule, EMA and counters, once per optimizer step (no CPU-GPU sync)."""
+        acc = self.accelerator
+        self.scheduler.step()
+        state.step += 1
+        if self.ema is not None:  # same weights on every rank: update from the unwrapped model
+            self.ema.update(acc.unwrap_model(self.model))
+        state.images_seen += self.cfg.data.batch_size
+        if self.fp16:  # the grad scaler skips overflowing steps by design: count them
+            state.fp16_skipped_steps += int(acc.optimizer_step_was_skipped)
+        else:  # remember the first non-finite step without a CPU-GPU sync
+            bad = (self.first_bad_step < 0) & ~torch.isfinite(loss.detach())
+            step = torch.full_like(self.first_bad_step, state.step)
+            self.first_bad_step = torch.where(bad, step, self.first_bad_step)
+        self.reporter.advance()
 
     def micro_step(self, batch: dict, state: State) -> torch.Tensor:
         cfg, acc = self.cfg, self.accelerator
@@ -118,7 +154,8 @@ class Loop:
             self.reporter.print(f"skipped corrupt sample(s): {'; '.join(batch['skipped'][:3])}")
         x, y = prepare_batch(batch, acc.device, self.data.batch_opts, train=True)
         if cfg.augment.mixup_alpha or cfg.augment.cutmix_alpha:  # y: soft targets (B, K)
-            x, y = mix_for_step(x, y, batch["ids"], cfg, len(self.data.index.classes), state.step)
+            x, y = mix_for_step(x, y, batch["ids"], cfg.augment, seed=cfg.train.seed,
+                                step=state.step, num_classes=len(self.data.index.classes))
         with acc.accumulate(self.model):
             loss = self.criterion(self.model(x), y)
             if cfg.optim.l1:
@@ -141,19 +178,19 @@ class Loop:
                                                     o.clip_norm or float("inf"))
             self.grad_norm = norm
 
-    def check_finite(self, first_bad: torch.Tensor, state: State) -> None:
-        bad = int(first_bad.item())  # note: CPU-GPU sync point, only at log/save boundaries
+    def check_finite(self) -> None:
+        bad = int(self.first_bad_step.item())  # note: CPU-GPU sync point, only at boundaries
         if bad >= 0:
             raise NonFiniteLoss(
                 f"non-finite loss at optimizer step {bad}: stopping; the last checkpoint in "
                 f"{self.out_dir / 'checkpoints'} is from before it (lower optim.max_lr or add "
                 f"optim.clip_norm)")
 
-    def log_step(self, state: State, loss: torch.Tensor, lr: float, window) -> None:
+    def log_step(self, state: State, loss: torch.Tensor, lr: float, window: Window) -> None:
         now = time.perf_counter()
         steps = state.step - window.step
         images_per_sec = steps * self.cfg.data.batch_size / max(now - window.time, 1e-9)
-        norm = getattr(self, "grad_norm", None)
+        norm = self.grad_norm
         self.reporter.log("step", state.step, {
             "epoch": state.step / self.data.plan.steps_per_epoch,
             "train/loss": float(loss.item()),  # note: CPU-GPU sync point
@@ -165,13 +202,13 @@ class Loop:
         window.time, window.step = now, state.step
 
     # ---- epoch ends, checkpoints ------------------------------------------------------------
-    def end_of_epoch(self, state: State, total_steps: int, window) -> None:
+    def end_of_epoch(self, state: State, window: Window) -> None:
         cfg = self.cfg
         state.train_seconds += time.perf_counter() - window.time
         epoch = math.ceil(state.step / self.data.plan.steps_per_epoch)
         sync_bn_stats(self.model, self.accelerator)
         if self.data.val is not None and (epoch % cfg.train.eval_every == 0
-                                          or state.step == total_steps):
+                                          or state.step == self.total_steps):
             val = self.eval_split(self.data.val)
             state.last_val = val
             self.reporter.log("epoch", state.step, {
@@ -188,8 +225,7 @@ class Loop:
         window.time, window.step = time.perf_counter(), state.step
 
     def eval_split(self, table, model=None, transform=None) -> dict:
-        options = options_from_config(self.cfg, self.data.index.channels, self.data.image_size,
-                                      False)
+        options = eval_options(self.data.index.channels, self.data.image_size)
         if id(table) not in self.eval_loaders:  # made once; its workers persist across epochs
             self.eval_loaders[id(table)] = make_eval_loader(
                 table, options, world_size=self.accelerator.num_processes,
@@ -263,23 +299,6 @@ class Loop:
                             trainer=trainer, keep=self.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()
 
-    def total_over_ranks(self, count: int) -> int:
-        t = torch.tensor([count], dtype=torch.long, device=self.accelerator.device)
-        return int(self.accelerator.reduce(t, reduction="sum").item())
-
-    @torch.no_grad()
-    def ranks_identical(self) -> bool:
-        """Whether every rank ends with bit-identical weights and buffers (a DDP sanity check)."""
-        if self.accelerator.num_processes == 1:
-            return True
-        state = self.accelerator.unwrap_model(self.model).state_dict()
-        if self.ema is not None:
-            state = {**state, **self.ema.state_dict()}
-        fingerprint = torch.stack([v.double().sum() + v.double().abs().sum()
-                                   for v in state.values() if v.is_floating_point()])
-        everyone = self.accelerator.gather(fingerprint[None])  # (world, n)
-        return bool((everyone == everyone[0]).all())
-
     # ---- the end ------------------------------------------------------------------------------
     def finish(self, state: State) -> dict:
         acc = self.accelerator
@@ -291,13 +310,16 @@ class Loop:
             save_weights(self.out_dir / "model.safetensors", self.eval_state(), self.meta)
         final = final_metrics(state, val, test, acc.num_processes, self.out_dir, self.data.plan)
         final.update(extra)
-        final["ranks_identical"] = self.ranks_identical()
-        final["skipped_samples"] = self.total_over_ranks(state.skipped_samples)
+        weights = acc.unwrap_model(self.model).state_dict()
+        if self.ema is not None:
+            weights.update(self.ema.state_dict())
+        final["ranks_identical"] = ranks_identical(weights, acc)
+        final["skipped_samples"] = sum_over_ranks(state.skipped_samples, acc)
         self.reporter.finish(final)
         if acc.is_main_process:
             write_eval_files(self.out_dir, val, test, self.data.index.classes, self.cfg.log.plots)
         if self.reporter.wandb_on:  # main process only: a local forward, no collective
-            from shardtrain.media import final_media
+            from shardtrain.tracking.media import final_media
 
             self.reporter.log_media(state.step, final_media(self, self.total_steps, test or val))
         self.eval_loaders.clear()  # stop their persistent workers now, not at interpreter exit
@@ -305,16 +327,3 @@ class Loop:
         acc.end_training()
         return final
 
-
-@dataclass
-class Window:
-    """Start of the current timing window (for images/s and train_seconds)."""
-
-    time: float
-    step: int
-
-
-RESUMABLE_CHANGES = ("data.path", "data.workers", "data.prefetch", "train.epochs",
-                     "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.log_every", "train.dist_timeout", "log.wandb", "log.name",
-                     "log.group", "log.tags", "log.plots")

@@ -1,6 +1,6 @@
 """How a job learns it must stop: SIGUSR1/SIGTERM (SLURM's --signal lead time, `scancel
 --signal`, a workstation's kill) set a flag; every rank agrees on it after an optimizer step, the
-loop checkpoints and exits PREEMPTED_EXIT, and slurm/train.sbatch requeues the job.
+loop checkpoints and exits ExitCode.PREEMPTED (75), and slurm/train.sbatch requeues the job.
 """
 
 from __future__ import annotations
@@ -8,8 +8,6 @@ from __future__ import annotations
 import signal
 
 import torch
-
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" -> the SLURM script requeues the job
 
 
 class Preemption:

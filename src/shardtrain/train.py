@@ -2,7 +2,7 @@
 
 Run on one process:
     shardtrain train --recipe fashion-mnist-resnet9 --data shards/fashion-mnist-12k --out runs/x
-On 2 CPU processes (see PITFALLS: plain `--cpu --num_processes 2` silently starts one):
+On 2 CPU processes (launch/README.md: plain `--cpu --num_processes 2` silently starts one):
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         --mixed_precision no --dynamo_backend no -m shardtrain train --recipe ... --data ...
 On all GPUs of a node: accelerate launch --config_file launch/gpus.yaml -m shardtrain train ...
@@ -10,7 +10,7 @@ On all GPUs of a node: accelerate launch --config_file launch/gpus.yaml -m shard
 Reads top to bottom: setup -> data -> model -> optimizer/schedule -> resume -> prepare -> steps
 -> final eval -> end_training. Counting is in optimizer steps; the epoch plan (data/plan.py) gives
 every rank the same number of steps. On SIGUSR1/SIGTERM every rank finishes the current step,
-a checkpoint is written and the process exits with PREEMPTED_EXIT (75) for the job to requeue.
+a checkpoint is written and the process exits with ExitCode.PREEMPTED (75) for the job to requeue.
 """
 
 from __future__ import annotations
@@ -25,19 +25,17 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
 from shardtrain import __version__
-from shardtrain.batch import BatchOptions
 from shardtrain.checkpoint import latest_checkpoint, load_checkpoint
 from shardtrain.config import Config, config_changes, save_config
-from shardtrain.data.index import index_hash, load_index, sample_table
+from shardtrain.data.batch import BatchOptions
+from shardtrain.data.index import Index, SampleTable, index_hash, load_index, sample_table
 from shardtrain.data.plan import TrainPlan, check_batch_layout
 from shardtrain.ema import make_ema, split_ema
-from shardtrain.errors import UserError
-from shardtrain.loop import RESUMABLE_CHANGES, Loop, State
-from shardtrain.preemption import PREEMPTED_EXIT
+from shardtrain.errors import ExitCode, UserError
+from shardtrain.loop import Loop, State
 from shardtrain.models import create_model
 from shardtrain.optim import make_optimizer, make_scheduler, param_groups
-from shardtrain.report import Reporter
-
+from shardtrain.tracking.report import Reporter
 
 
 def resolve_precision(precision: str, cuda: bool) -> str:
@@ -79,10 +77,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
 class Data:
     """The dataset as the trainer sees it: index, tables, plan and batch options."""
 
-    index: object
-    train: object
-    val: object
-    test: object
+    index: Index
+    train: SampleTable
+    val: SampleTable | None  # None: no such split (or data.val_split="")
+    test: SampleTable | None
     plan: TrainPlan
     image_size: int
     batch_opts: BatchOptions
@@ -120,7 +118,7 @@ def has_split(index, name: str) -> bool:
     return bool(name) and name in index.splits
 
 
-def build_model(cfg: Config, index, image_size: int) -> tuple[torch.nn.Module, dict]:
+def build_model(cfg: Config, index: Index, image_size: int) -> tuple[torch.nn.Module, dict]:
     """The model and the metadata that makes its weights file self-describing."""
     kwargs = {k: v for k, v in asdict(cfg.model).items()
               if k not in ("name", "freeze_epochs", "channels_last", "sync_bn")}
@@ -162,20 +160,21 @@ def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = Fa
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = make_ema(cfg, accelerator.unwrap_model(model), ckpt)  # None unless train.ema_decay > 0
+    ema = make_ema(accelerator.unwrap_model(model), cfg.train.ema_decay, cfg.train.ema_warmup,
+                   ckpt["model"] if ckpt else None)  # None unless train.ema_decay > 0
     if ckpt and accelerator.scaler is not None and ckpt["optim"].get("scaler"):
         accelerator.scaler.load_state_dict(ckpt["optim"]["scaler"])
     reporter = Reporter(accelerator, out_dir, total_steps, state.step)
     if accelerator.is_main_process:
         save_config(cfg, out_dir / "config.yaml")
     reporter.start_wandb(cfg, run_config(cfg, data, accelerator), state.wandb_id)
-    loop = Loop(cfg, accelerator, data, model, optimizer, scheduler, reporter, meta, out_dir,
-                ema=ema)
-    preempted = loop.run(state, total_steps)
+    loop = Loop(cfg, accelerator, data, model, optimizer, scheduler, total_steps=total_steps,
+                reporter=reporter, meta=meta, out_dir=out_dir, ema=ema)
+    preempted = loop.run(state)
     if preempted:
         accelerator.wait_for_everyone()
         accelerator.end_training()
-        raise SystemExit(PREEMPTED_EXIT)
+        raise SystemExit(ExitCode.PREEMPTED)
     return loop.finish(state)
 
 
@@ -227,7 +226,7 @@ def restore(ckpt: dict, cfg: Config, data: Data, model, optimizer, scheduler, ac
     problems = []
     if t["index_hash"] != index_hash(cfg.data.path):
         problems.append("the dataset index differs from the checkpoint's")
-    changes = config_changes(t["config"], cfg, RESUMABLE_CHANGES)
+    changes = config_changes(t["config"], cfg)
     if changes:
         problems.append(f"the config differs from the checkpoint's: {', '.join(changes[:4])}")
     if ckpt["meta"].get("classes") != data.index.classes:

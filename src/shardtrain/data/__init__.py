@@ -1,0 +1,21 @@
+"""From raw images to device-ready batches.
+
+Packing (offline, `shardtrain pack`):
+    sources.py, image_folder.py  read a raw dataset (IDX, CIFAR, torchvision, image folders)
+    codec.py                     encode/decode one image (npy for small images, PNG, JPEG)
+    pack.py, shard_writer.py     write tar shards + per-shard offset sidecars + index.json
+    index.py, inspect.py         read index.json and sidecars; `shardtrain info` / `verify`
+
+Reading (every training step):
+    plan.py       the epoch plan: which samples every rank reads at every step (pure arithmetic)
+    loader.py     loader workers read samples by byte offset, decode, and augment per sample
+    batch.py      on the training device: batched pad-crop/flip, normalisation, channels_last
+    mix.py        on the training device: mixup / cutmix of a whole micro-batch
+
+Where each augmentation happens:
+    in the loader workers, per sample, on uint8 images (transforms.py, seeded per sample):
+        random-resized-crop, rotation, colour jitter, RandAugment/TrivialAugment, random erasing;
+        the workers also draw each sample's pad-crop offset and flips (parameters only);
+    on the training device, per batch (batch.py, mix.py): the pad-crop and flips themselves,
+        normalisation, mixup/cutmix.
+"""

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shardtrain.config import AugmentConfig
 from shardtrain.data import transforms
 from shardtrain.data.codec import decode_image
 from shardtrain.data.index import ShardReader, SampleTable
@@ -183,13 +184,18 @@ class EvalChunks:
         return 0, self.ids[i * self.batch_size:(i + 1) * self.batch_size]
 
 
-def options_from_config(cfg, channels: int, image_size: int, train: bool) -> SampleOptions:
-    a = cfg.augment
-    if not train:
-        return SampleOptions(channels=channels, image_size=image_size, train=False)
+def train_options(augment: AugmentConfig, seed: int, channels: int,
+                  image_size: int) -> SampleOptions:
+    """The workers' part of a recipe's training augmentation (pad-crop/flip: parameters only)."""
+    a = augment
     return SampleOptions(
-        channels=channels, image_size=image_size, train=True, seed=cfg.train.seed,
+        channels=channels, image_size=image_size, train=True, seed=seed,
         pad_crop=a.pad_crop, hflip=a.hflip, vflip=a.vflip, resized_crop=a.resized_crop,
         rotation=a.rotation, color_jitter=a.color_jitter, policy=a.policy,
         random_erasing=a.random_erasing)
+
+
+def eval_options(channels: int, image_size: int) -> SampleOptions:
+    """Decode and resize only: what evaluation, `show` and predictions read."""
+    return SampleOptions(channels=channels, image_size=image_size, train=False)
 

@@ -12,15 +12,13 @@ CLI: `shardtrain pack SOURCE OUT_DIR --limit 10000,test=2000 --compress --format
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import random
 import sys
-import tarfile
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from tqdm import tqdm
 
 from shardtrain import __version__
 from shardtrain.data.codec import encode_sample
-from shardtrain.data.index import sha256_file
+from shardtrain.data.shard_writer import SplitShardWriter
 from shardtrain.data.sources import Item, open_source
 from shardtrain.errors import UserError
 
@@ -101,79 +99,6 @@ def _encode_one(item: Item, channels: int, fmt: str, image_size: int) -> tuple:
     return ("ok", ext, data, item.label, arr.shape[:2], sums, sqsums, digest)
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
-    return ti
-
-
-class _ShardWriter:
-    """Writes one split's shards, `shard_size` samples each, and their sidecars."""
-
-    def __init__(self, out_dir: Path, split: str, shard_size: int, compress: bool):
-        self.out_dir, self.split, self.shard_size, self.compress = (
-            out_dir,
-            split,
-            shard_size,
-            compress,
-        )
-        self.shards: list[dict] = []
-        self.n = 0
-        self._tar = None
-
-    def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):06d}.tar" + (".gz" if self.compress else "")
-        self._path, self._file = self.out_dir / name, open(self.out_dir / name, "wb")
-        stream = self._file
-        if self.compress:  # mtime=0 and no file name: byte-identical output
-            stream = gzip.GzipFile(filename="", mode="wb", fileobj=self._file, mtime=0)
-        self._gz = stream if self.compress else None
-        self._tar = tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT)
-        self._side = {"keys": [], "labels": [], "exts": [], "offsets": [], "sizes": []}
-
-    def add(self, ext: str, data: bytes, label: int) -> None:
-        if self._tar is None:
-            self._open()
-        key = f"{self.n:08d}"
-        ti = _tarinfo(f"{key}.{ext}", len(data))
-        offset = self._tar.offset + len(ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
-        self._tar.addfile(ti, io.BytesIO(data))
-        cls = str(label).encode("ascii")
-        self._tar.addfile(_tarinfo(f"{key}.cls", len(cls)), io.BytesIO(cls))
-        for k, v in zip(self._side, (key, label, ext, offset, len(data)), strict=True):
-            self._side[k].append(v)
-        self.n += 1
-        if len(self._side["keys"]) == self.shard_size:
-            self.close()
-
-    def close(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        if self._gz is not None:
-            self._gz.close()
-        self._file.close()
-        side_path = self._path.with_name(self._path.name.split(".")[0] + ".samples.json")
-        side_path.write_text(json.dumps(self._side, separators=(",", ":")))
-        self.shards.append({
-            "file": self._path.name, "samples_file": side_path.name,
-            "num_samples": len(self._side["keys"]), "sha256": sha256_file(self._path),
-            "samples_sha256": sha256_file(side_path), "bytes": self._path.stat().st_size,
-        })  # fmt: skip
-        self._tar = None
-
-    def abort(self) -> None:
-        """Remove everything this writer wrote (a failed pack leaves no half dataset)."""
-        if self._tar is not None:
-            self._file.close()
-            self._path.unlink(missing_ok=True)
-            self._tar = None
-        for s in self.shards:
-            for key in ("file", "samples_file"):
-                (self.out_dir / s[key]).unlink(missing_ok=True)
-        self.shards = []
-
-
 class _Stats:
     """Class counts per split, pixel sums over train (exact ints), image size range."""
 
@@ -206,9 +131,23 @@ def _skip(skipped: list, root: str, item: Item, split: str, reason: str, strict:
     skipped.append({"path": path, "split": split, "reason": reason})
 
 
-def _write_split(split, items, writer, encode, pool, ctx) -> None:
+@dataclass
+class _Packing:
+    """What every split's packing shares: statistics, the skip list, duplicate detection."""
+
+    stats: _Stats
+    skipped: list[dict]  # {"path", "split", "reason"} of every unusable input
+    bar: tqdm
+    src_root: str  # skipped paths are shown relative to it
+    strict: bool  # fail on the first unusable input instead of skipping it
+    seen: dict = field(default_factory=dict)  # (label, sha256 of the file) -> first path
+
+
+def _write_split(split: str, items: list[Item], writer: SplitShardWriter, encode,
+                 pool, packing: _Packing) -> None:
     """Encode items in ordered blocks and stream them into `writer`."""
-    stats, skipped, seen, bar, src_root, strict = ctx
+    stats, skipped, seen, bar = packing.stats, packing.skipped, packing.seen, packing.bar
+    src_root, strict = packing.src_root, packing.strict
     for start in range(0, len(items), BLOCK):
         block = items[start : start + BLOCK]
         chunk = max(1, min(64, len(block) // (4 * (pool._processes if pool else 1))))
@@ -322,12 +261,12 @@ def write_shards(
     n_workers = min(workers or os.cpu_count() or 1, max(1, sum(map(len, splits.values())) // 16))
     bar = tqdm(total=sum(map(len, splits.values())), file=sys.stderr, disable=not progress,
                unit="img", desc="pack")  # fmt: skip
-    writers = {s: _ShardWriter(out_dir, s, shard_size, compress) for s in splits}
-    ctx = (stats, skipped, {}, bar, src.path, strict)
+    writers = {s: SplitShardWriter(out_dir, s, shard_size, compress) for s in splits}
+    packing = _Packing(stats, skipped, bar, src.path, strict)
     pool = multiprocessing.Pool(n_workers) if n_workers > 1 else None
     try:
         for split, items in splits.items():
-            _write_split(split, items, writers[split], encode, pool, ctx)
+            _write_split(split, items, writers[split], encode, pool, packing)
         if not (writers.get("train") and writers["train"].n):
             example = skipped[-1]["reason"] if skipped else "no samples"
             raise UserError(f"nothing usable in {source}: no train sample left ({example})")

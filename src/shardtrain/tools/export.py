@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shardtrain.inference import load_model
+from shardtrain.tools.inference import load_model
 
 
 class Normalized(nn.Module):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from shardtrain.batch import BatchOptions
+from shardtrain.data.batch import BatchOptions
 from shardtrain.checkpoint import load_weights
 from shardtrain.data.codec import decode_image
 from shardtrain.data.index import load_index, sample_table
@@ -64,7 +64,7 @@ def eval_checkpoint(checkpoint: str, data: str, split: str, out: Path | None,
     if out and accelerator.is_main_process:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
-        from shardtrain.plots import plot_confusion
+        from shardtrain.tracking.plots import plot_confusion
 
         plot_confusion(result["confusion"], meta["classes"], out.with_suffix(".png"))
     return result

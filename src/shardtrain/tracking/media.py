@@ -16,17 +16,18 @@ from pathlib import Path
 
 import torch
 
-from shardtrain.batch import prepare_batch
-from shardtrain.data.loader import make_eval_loader, options_from_config
+from shardtrain.data.batch import prepare_batch
+from shardtrain.config import OptimConfig
+from shardtrain.data.loader import eval_options, make_eval_loader
 from shardtrain.optim import lr_factor
-from shardtrain.plots import new_figure, plot_confusion, prediction_grid, save
+from shardtrain.tracking.plots import new_figure, plot_confusion, prediction_grid, save
 
 
 @torch.no_grad()
-def sample_predictions(model: torch.nn.Module, table, data, cfg, device,
+def sample_predictions(model: torch.nn.Module, table, data, device,
                        n: int = 16) -> tuple[torch.Tensor, list[int], list[int]]:
     """(uint8 images (n, C, H, W), true labels, predicted labels) of a split's first n samples."""
-    options = options_from_config(cfg, data.index.channels, data.image_size, False)
+    options = eval_options(data.index.channels, data.image_size)
     loader = make_eval_loader(table, options, world_size=1, rank=0, batch_size=n, workers=0,
                               pin_memory=False)
     batch = next(iter(loader))
@@ -38,9 +39,9 @@ def sample_predictions(model: torch.nn.Module, table, data, cfg, device,
     return batch["images"], y.cpu().tolist(), pred.cpu().tolist()
 
 
-def plot_lr_schedule(cfg, total_steps: int, out_png: Path) -> Path:
+def plot_lr_schedule(optim: OptimConfig, total_steps: int, out_png: Path) -> Path:
     """max_lr * optim.lr_factor(step) for every optimizer step of the run."""
-    o = cfg.optim
+    o = optim
     steps = list(range(total_steps))
     lrs = [o.max_lr * lr_factor(s, total_steps, o.schedule, o.warmup_frac, o.div_factor,
                                 o.final_div_factor) for s in steps]
@@ -63,7 +64,7 @@ def final_media(loop, total_steps: int, last_eval: dict) -> dict:
         # the run's model (the EMA when on); not loop.eval_model(): it syncs BN, a collective
         ema = getattr(loop, "ema", None)
         model = ema.module if ema is not None else loop.accelerator.unwrap_model(loop.model)
-        images, true, pred = sample_predictions(model, table, data, cfg, loop.accelerator.device)
+        images, true, pred = sample_predictions(model, table, data, loop.accelerator.device)
         grid = prediction_grid(images, true, pred, classes, plots / "predictions.png")
         right = sum(t == p for t, p in zip(true, pred))
         media["media/predictions"] = wandb.Image(
@@ -71,6 +72,6 @@ def final_media(loop, total_steps: int, last_eval: dict) -> dict:
     if last_eval.get("confusion"):
         png = plot_confusion(last_eval["confusion"], classes, plots / "confusion.png")
         media["media/confusion_matrix"] = wandb.Image(str(png), caption="rows true, cols predicted")
-    png = plot_lr_schedule(cfg, total_steps, plots / "lr_schedule.png")
+    png = plot_lr_schedule(cfg.optim, total_steps, plots / "lr_schedule.png")
     media["media/lr_schedule"] = wandb.Image(str(png), caption="learning rate per optimizer step")
     return media

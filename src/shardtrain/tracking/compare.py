@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from shardtrain.config import flatten, load_yaml
+from shardtrain._typed import flatten, load_yaml
 from shardtrain.errors import UserError
-from shardtrain.plots import new_figure, save, series
+from shardtrain.tracking.plots import new_figure, save, series
 
 IGNORED_KEYS = ("data.path", "log.name")  # differ between any two runs, say nothing
 METRICS = ("best_val_acc", "val_acc", "test_acc", "steps", "train_seconds")

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 
-from shardtrain.batch import prepare_batch
-from shardtrain.data.loader import make_train_loader, options_from_config
+from shardtrain.data.batch import prepare_batch
+from shardtrain.data.loader import make_train_loader, train_options
 from shardtrain.optim import make_optimizer, param_groups
 from shardtrain.train import build_model, make_accelerator, setup_data
 
@@ -75,7 +75,7 @@ def lr_find(cfg, out_png: Path, start: float = 1e-6, end: float = 1.0, steps: in
     optimizer = make_optimizer(o.name, param_groups(model, o.weight_decay, o.head_lr_mult),
                                start, o.momentum, o.nesterov, tuple(o.betas))
     model, optimizer = acc.prepare(model, optimizer)
-    options = options_from_config(cfg, data.index.channels, data.image_size, True)
+    options = train_options(cfg.augment, cfg.train.seed, data.index.channels, data.image_size)
     loader = make_train_loader(data.train, data.plan, options, start_micro=0,
                                end_micro=steps * cfg.train.grad_accum, workers=cfg.data.workers,
                                prefetch=cfg.data.prefetch, pin_memory=torch.cuda.is_available())
@@ -128,7 +128,7 @@ def sweep(cfg, acc, data, model, optimizer, loader, sweep_range, stop_factor):
 
 def plot_lr_find(result: dict, out_png: Path) -> Path:
     """Raw and smoothed loss against lr (log x), the suggestion marked."""
-    from shardtrain.plots import new_figure, save
+    from shardtrain.tracking.plots import new_figure, save
 
     fig, (ax,) = new_figure(6, 4)
     ax.plot(result["lrs"], result["losses"], alpha=0.3, label="loss")

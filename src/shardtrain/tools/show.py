@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from shardtrain.batch import BatchOptions, prepare_batch
+from shardtrain.data.batch import BatchOptions, prepare_batch
 from shardtrain.data.index import load_index, sample_table
-from shardtrain.data.loader import SampleOptions, make_eval_loader, options_from_config
+from shardtrain.data.loader import eval_options, make_eval_loader, train_options
 from shardtrain.errors import UserError
-from shardtrain.plots import sample_grid
+from shardtrain.tracking.plots import sample_grid
 
 
 def show_samples(data_dir: str, out_png: Path, split: str = "train", n: int = 64,
@@ -38,9 +38,9 @@ def show_samples(data_dir: str, out_png: Path, split: str = "train", n: int = 64
         raise UserError("images in this dataset vary in size: pass data.image_size=N")
     n = max(1, min(n, len(table.label)))
     if augmented:
-        options = options_from_config(cfg, index.channels, size, train=True)
+        options = train_options(cfg.augment, cfg.train.seed, index.channels, size)
     else:
-        options = SampleOptions(channels=index.channels, image_size=size, train=False)
+        options = eval_options(index.channels, size)
     loader = make_eval_loader(table, options, world_size=1, rank=0, batch_size=n, workers=0,
                               pin_memory=False)
     batch = next(iter(loader))

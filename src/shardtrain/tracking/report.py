@@ -160,7 +160,7 @@ def write_eval_files(out_dir: Path, val: dict, test: dict, classes: list, plots:
     (out_dir / "eval.json").write_text(json.dumps({"val": val, "test": test}, indent=1))
     if not plots:
         return
-    from shardtrain.plots import plot_confusion, plot_curves
+    from shardtrain.tracking.plots import plot_confusion, plot_curves
 
     plot_curves(read_metrics(out_dir / "metrics.jsonl"), out_dir / "plots")
     last = test or val

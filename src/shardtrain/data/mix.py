@@ -65,10 +65,10 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, rng: random.Ra
     return x, targets * lam + targets.flip(0) * (1.0 - lam)
 
 
-def mix_for_step(x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, cfg, num_classes: int,
-                 step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """mix_batch with the augment.* config and the micro-batch's own rng (trainer helper)."""
-    a = cfg.augment
-    rng = mix_rng(cfg.train.seed, step, int(ids[0]) if len(ids) else -1)
+def mix_for_step(x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, augment, *, seed: int,
+                 step: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mix_batch with the `augment` config section and the micro-batch's own rng."""
+    a = augment
+    rng = mix_rng(seed, step, int(ids[0]) if len(ids) else -1)
     return mix_batch(x, y, num_classes, rng, mixup_alpha=a.mixup_alpha,
                      cutmix_alpha=a.cutmix_alpha, mix_prob=a.mix_prob, switch_prob=a.switch_prob)

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import yaml
 
-from shardtrain.compare import compare_runs
-from shardtrain.config import load_yaml
+from shardtrain.tracking.compare import compare_runs
+from shardtrain._typed import load_yaml
 from shardtrain.errors import UserError
 
 
@@ -173,7 +173,7 @@ def run_sweep(sweep: Sweep, data: str, out: Path | None, extra: list[str],
 
 def sbatch_script() -> Path:
     """slurm/sweep.sbatch of this checkout (SHARDTRAIN_ROOT, the cwd, or next to src/)."""
-    roots = [os.environ.get("SHARDTRAIN_ROOT", ""), ".", str(Path(__file__).parents[2])]
+    roots = [os.environ.get("SHARDTRAIN_ROOT", ""), ".", str(Path(__file__).parents[3])]
     for root in filter(None, roots):
         if (Path(root) / "slurm" / "sweep.sbatch").is_file():
             return (Path(root) / "slurm" / "sweep.sbatch").resolve()
