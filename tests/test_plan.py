@@ -74,3 +74,60 @@ def test_bad_layouts_are_explained():
         check_batch_layout(10, 4, 1, 100)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         check_batch_layout(64, 2, 1, 40)
+
+
+def node_plans(sizes, world, nodes, canonical, batch, accum=1, window=2, partition="node"):
+    return [TrainPlan(sizes, batch, world, r, accum, 0, window, partition, canonical, nodes)
+            for r in range(world)]
+
+
+def shards_per_node(ps, sizes, epoch):
+    """{node: set of shards its ranks read in `epoch`}."""
+    starts = np.cumsum((0,) + sizes)
+    out = {}
+    for p in ps:
+        for i in range(epoch * p.micro_per_epoch, (epoch + 1) * p.micro_per_epoch):
+            ids = p.micro_batch(i)[1]
+            out.setdefault(p.node, set()).update((np.searchsorted(starts, ids, "right") - 1)
+                                                 .tolist())
+    return out
+
+
+@pytest.mark.parametrize("sizes", [(20,) * 8, (20, 20, 20, 20, 10, 17, 3)])
+def test_node_partition_each_shard_read_by_one_node(sizes):
+    ps = node_plans(sizes, world=4, nodes=2, canonical=2, batch=8, accum=1)
+    assert len({p.micro_per_epoch for p in ps}) == 1
+    for epoch in range(3):
+        seen = np.concatenate([p.micro_batch(i)[1] for p in ps
+                               for i in range(epoch * ps[0].micro_per_epoch,
+                                              (epoch + 1) * ps[0].micro_per_epoch)])
+        assert len(seen) == len(set(seen.tolist())) == ps[0].steps_per_epoch * 8  # no repeats
+        node_shards = shards_per_node(ps, sizes, epoch)
+        assert len(node_shards[0] & node_shards[1]) <= 1  # at most C-1 shards straddle
+    glob = node_plans(sizes, world=4, nodes=2, canonical=1, batch=8, partition="global")
+    both = shards_per_node(glob, sizes, 0)
+    assert both[0] == both[1] == set(range(len(sizes)))  # global plan: every node, every shard
+
+
+def test_node_plan_steps_do_not_depend_on_the_physical_node_count():
+    sizes = (20, 20, 20, 20, 10, 17, 3, 30)
+    layouts = [(2, 1), (4, 2), (4, 4), (8, 8), (2, 2)]  # (world, nodes), C = 4 throughout
+    per_layout = []
+    for world, nodes in layouts:
+        ps = node_plans(sizes, world, nodes, canonical=4, batch=16, accum=2)
+        steps = []
+        for step in range(ps[0].steps_per_epoch * 2):
+            ids = [p.micro_batch(step * 2 + m)[1] for p in ps for m in range(2)]
+            steps.append(sorted(np.concatenate(ids).tolist()))
+        per_layout.append(steps)
+    assert all(steps == per_layout[0] for steps in per_layout[1:])
+
+
+def test_node_layout_checks():
+    from shardtrain.data.plan import check_node_layout
+
+    check_node_layout(16, nodes=2, canonical_nodes=4, num_samples=100)
+    with pytest.raises(ValueError, match="divide one another"):
+        check_node_layout(16, nodes=3, canonical_nodes=4, num_samples=100)
+    with pytest.raises(ValueError, match="divisible by max"):
+        check_node_layout(6, nodes=2, canonical_nodes=4, num_samples=100)

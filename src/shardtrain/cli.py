@@ -68,6 +68,36 @@ def run_pack(args) -> None:
                  strict=args.strict, overwrite=args.overwrite)
 
 
+def add_index(p: argparse.ArgumentParser) -> None:
+    from shardtrain.data.adopt_read import IMAGE_EXTS
+
+    p.add_argument("source", help="folder, URL or brace pattern of WebDataset .tar[.gz] shards "
+                                  "(e.g. https://host/ds/train-{000000..000099}.tar)")
+    p.add_argument("--out", help="write index.json + sidecars here (default: SOURCE, if it is "
+                                 "a writable folder)")
+    p.add_argument("--label-key", default="", help="label from this .json field (default: "
+                                                   ".cls, else .txt)")
+    p.add_argument("--classes", default="", help="file with one class name per line")
+    p.add_argument("--image-ext", default=",".join(IMAGE_EXTS),
+                   help="image member extensions, first found wins")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="share of the shards (the last ones) for val when names have no "
+                        "train-/val-/test- prefix")
+    p.add_argument("--channels", type=int, default=0, choices=[0, 1, 3], help="0 = auto")
+    p.add_argument("--stats-samples", type=int, default=500,
+                   help="train images decoded for mean/std and image size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index.json")
+
+
+def run_index(args) -> None:
+    from shardtrain.data.adopt import index_shards
+
+    index_shards(args.source, args.out, label_key=args.label_key, classes_file=args.classes,
+                 image_exts=tuple(e.strip().lower() for e in args.image_ext.split(",") if e),
+                 val_fraction=args.val_fraction, channels=args.channels,
+                 stats_samples=args.stats_samples, overwrite=args.overwrite)
+
+
 def add_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="shard folder (holds index.json)")
 
@@ -87,7 +117,7 @@ def run_verify(args) -> None:
 # ---- train, recipes, models ---------------------------------------------------------------
 def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="recipe name (`shardtrain recipes`) or YAML")
-    p.add_argument("--data", help="shard folder (sets data.path)")
+    p.add_argument("--data", help="shard folder or URL: http(s)://, s3://, gs:// (data.path)")
     p.add_argument("--out", type=Path, help="run folder (default runs/RECIPE-TIME)")
     p.add_argument("--resume", default="", help="auto (latest checkpoint in --out) or a path")
     p.add_argument("--allow-changes", action="store_true",
@@ -99,12 +129,13 @@ def add_train(p: argparse.ArgumentParser) -> None:
 
 def run_train(args) -> None:
     from shardtrain.config import config_yaml, load_config
+    from shardtrain.data.remote import is_url, local_path
 
     cfg = load_config(args.recipe, overrides_with_data(args))
     if args.print_config:
         print(config_yaml(cfg), end="")
         return
-    if cfg.data.path and not Path(cfg.data.path).is_dir():
+    if cfg.data.path and not is_url(cfg.data.path) and not local_path(cfg.data.path).is_dir():
         raise UserError(f"data folder not found: {cfg.data.path}")
     from shardtrain.train import train
 
@@ -279,6 +310,8 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "pack": Command("pack a dataset into WebDataset shards + index.json", add_pack, run_pack),
+    "index": Command("index WebDataset shards written by any tool (folder, URL, pattern)",
+                     add_index, run_index),
     "info": Command("summarise a shard folder: classes, counts per split, mean/std", add_dir,
                     run_info),
     "verify": Command("re-hash every shard and decode every sample (exit 1 if damaged)",

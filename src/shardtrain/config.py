@@ -24,7 +24,7 @@ from shardtrain.errors import UserError
 
 @dataclass
 class DataConfig:
-    path: str = ""  # shard folder holding index.json (also --data)
+    path: str = ""  # shard folder or URL (http(s)://, s3://, gs://) holding index.json (--data)
     image_size: int = 0  # train/eval side length in px; 0 = the index's image size
     batch_size: int = 128  # global batch: per-device batch x processes x grad_accum
     workers: int = 2  # loader worker processes per rank
@@ -38,6 +38,16 @@ class DataConfig:
     scaling: str = "standardize"  # standardize (index mean/std) | unit ([0,1]) | none (0..255)
     mean: list[float] = field(default_factory=list)  # override the index's mean (e.g. ImageNet)
     std: list[float] = field(default_factory=list)
+    partition: str = "global"  # global: all ranks read each shard window | node: each node
+    #                            reads only its share of the shards per epoch (less egress)
+    canonical_nodes: int = 0  # partition=node: C fixing the sample order (0 = this launch's
+    #                           node count; a resume on P nodes needs P | C or C | P)
+    # shards behind URLs (README "Data anywhere"): read through a node-local cache
+    cache_dir: str = ""  # node-local cache folder; "" = $SHARDTRAIN_CACHE or TMPDIR/shardtrain-*
+    cache_limit: int = 0  # bytes the cache may hold before evicting LRU shards (0 = no limit)
+    prefetch_shards: int = 8  # distinct shards kept downloaded ahead of the loader (per rank)
+    retries: int = 6  # tries per download (transient faults: resets, timeouts, 5xx)
+    retry_delay: float = 1.0  # seconds before the first retry, doubled each time (+-50% jitter)
 
 
 @dataclass
@@ -137,6 +147,7 @@ class Config:
         check_choice("optim.schedule", self.optim.schedule, ["onecycle", "cosine", "constant"])
         check_choice("train.precision", self.train.precision, ["no", "bf16", "fp16", "auto"])
         check_choice("data.scaling", self.data.scaling, ["standardize", "unit", "none"])
+        check_choice("data.partition", self.data.partition, ["global", "node"])
         check_choice("model.init", self.model.init, ["default", "xavier"])
         check_choice("augment.policy", self.augment.policy,
                      ["none", "randaugment", "trivialaugment"])
@@ -156,7 +167,9 @@ class Config:
 # Keys that may change between a checkpoint and its resume without --allow-changes: where the
 # data lives and how it is read, how long to train (a longer run continues the same LR schedule),
 # and logging. Anything else (model, optimizer, augmentation, seed) changes what is trained.
-RESUMABLE_CHANGES = ("data.path", "data.workers", "data.prefetch", "train.epochs",
+RESUMABLE_CHANGES = ("data.path", "data.workers", "data.prefetch", "data.cache_dir",
+                     "data.cache_limit", "data.prefetch_shards", "data.retries",
+                     "data.retry_delay", "train.epochs",
                      "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.log_every", "train.dist_timeout", "log.wandb", "log.name",
                      "log.group", "log.tags", "log.plots")

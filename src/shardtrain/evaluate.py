@@ -34,6 +34,13 @@ def sum_over_ranks(count: int, accelerator) -> int:
     return int(accelerator.reduce(t, reduction="sum").item())
 
 
+def sum_per_node(count: int, node: int, nodes: int, accelerator) -> list[int]:
+    """An integer summed over the ranks of each node: [node 0, node 1, ...] (a collective)."""
+    t = torch.zeros(nodes, dtype=torch.long, device=accelerator.device)
+    t[node] = count
+    return [int(v) for v in accelerator.reduce(t, reduction="sum").tolist()]
+
+
 @torch.no_grad()
 def ranks_identical(state_dict: dict, accelerator) -> bool:
     """Whether every rank holds the same weights and buffers (a DDP sanity check)."""

@@ -24,10 +24,12 @@ from shardtrain.checkpoint import save_checkpoint, save_weights
 from shardtrain.config import RESUMABLE_CHANGES, config_hash
 from shardtrain.data.batch import prepare_batch
 from shardtrain.data.index import index_hash
-from shardtrain.data.loader import eval_options, make_eval_loader, make_train_loader, train_options
+from shardtrain.data.loader import (EVAL, eval_options, make_eval_loader, make_train_loader,
+                                    train_options)
 from shardtrain.data.mix import mix_for_step
 from shardtrain.errors import ExitCode, NonFiniteLoss
-from shardtrain.evaluate import evaluate, ranks_identical, sum_over_ranks, sync_bn_stats
+from shardtrain.evaluate import (evaluate, ranks_identical, sum_over_ranks, sum_per_node,
+                                 sync_bn_stats)
 from shardtrain.optim import l1_penalty
 from shardtrain.preemption import Preemption
 from shardtrain.tracking.report import final_metrics, write_eval_files
@@ -47,6 +49,7 @@ class State:
     images_seen: int = 0
     last_val: dict = field(default_factory=dict)
     fp16_skipped_steps: int = 0  # optimizer steps the fp16 grad scaler skipped (inf/nan grads)
+    downloaded_bytes: list = field(default_factory=list)  # per epoch: bytes per node (URLs)
 
 
 @dataclass
@@ -220,9 +223,21 @@ class Loop:
                     (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
                     save_weights(self.out_dir / "checkpoints" / "best.safetensors",
                                  self.eval_state(), self.meta)
+        self.log_downloads(state, epoch)
         self.save(state)
         self.set_frozen(epoch)
         window.time, window.step = time.perf_counter(), state.step
+
+    def log_downloads(self, state: State, epoch: int) -> None:
+        """Bytes each node downloaded for this epoch's shards (a collective; URLs only)."""
+        counts, plan = self.data.train.downloads, self.data.plan
+        if counts is None:
+            return
+        per_node = sum_per_node(counts.take(epoch - 1), plan.node, plan.nodes, self.accelerator)
+        state.downloaded_bytes.append(per_node)
+        self.reporter.log("data", state.step, {
+            "epoch": epoch, "data/downloaded_bytes": sum(per_node),
+            **{f"data/downloaded_bytes/node{n}": b for n, b in enumerate(per_node)}})
 
     def eval_split(self, table, model=None, transform=None) -> dict:
         options = eval_options(self.data.index.channels, self.data.image_size)
@@ -315,6 +330,10 @@ class Loop:
             weights.update(self.ema.state_dict())
         final["ranks_identical"] = ranks_identical(weights, acc)
         final["skipped_samples"] = sum_over_ranks(state.skipped_samples, acc)
+        if self.data.train.downloads is not None:  # shards behind URLs: egress per epoch
+            final["downloaded_bytes_per_epoch"] = state.downloaded_bytes
+            final["eval_downloaded_bytes"] = sum_over_ranks(
+                sum(t.downloads.take(EVAL) for t in (self.data.val, self.data.test) if t), acc)
         self.reporter.finish(final)
         if acc.is_main_process:
             write_eval_files(self.out_dir, val, test, self.data.index.classes, self.cfg.log.plots)

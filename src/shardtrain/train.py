@@ -28,8 +28,10 @@ from shardtrain import __version__
 from shardtrain.checkpoint import latest_checkpoint, load_checkpoint
 from shardtrain.config import Config, config_changes, save_config
 from shardtrain.data.batch import BatchOptions
+from shardtrain.data.cache import ShardCache, default_cache_dir
 from shardtrain.data.index import Index, SampleTable, index_hash, load_index, sample_table
-from shardtrain.data.plan import TrainPlan, check_batch_layout
+from shardtrain.data.plan import TrainPlan, check_batch_layout, check_node_layout
+from shardtrain.data.remote import Retry
 from shardtrain.ema import make_ema, split_ema
 from shardtrain.errors import ExitCode, UserError
 from shardtrain.loop import Loop, State
@@ -90,21 +92,30 @@ def setup_data(cfg: Config, accelerator: Accelerator) -> Data:
     if not cfg.data.path:
         raise UserError("no dataset: pass --data DIR (a folder written by `shardtrain pack`)")
     index = load_index(cfg.data.path)
-    check = cfg.data.verify_checksums
-    train = sample_table(index, cfg.data.train_split, check)
-    val, test = (sample_table(index, name, check) if has_split(index, name) else None
+    check, cache = cfg.data.verify_checksums, shard_cache(cfg)
+    train = sample_table(index, cfg.data.train_split, check, cache)
+    val, test = (sample_table(index, name, check, cache) if has_split(index, name) else None
                  for name in (cfg.data.val_split, cfg.data.test_split))
+    for table in (t for t in (train, val, test) if t is not None and t.remote):
+        table.remote.prefetch_shards = cfg.data.prefetch_shards
     for damaged in (t.damaged for t in (train, val, test) if t is not None):
         for line in damaged:
             accelerator.print(f"warning: {line}: reading it up to the damage")
+    nodes = num_nodes(accelerator)
+    if cfg.data.partition == "node" and not cfg.data.canonical_nodes:
+        cfg.data.canonical_nodes = nodes  # recorded in config.yaml and every checkpoint
     try:
         check_batch_layout(cfg.data.batch_size, accelerator.num_processes, cfg.train.grad_accum,
                            len(train.label))
+        if cfg.data.partition == "node":
+            check_node_layout(cfg.data.batch_size, nodes, cfg.data.canonical_nodes,
+                              len(train.label))
     except ValueError as e:
         raise UserError(str(e)) from None
     plan = TrainPlan(tuple(s["num_samples"] for s in index.split(cfg.data.train_split).shards),
                      cfg.data.batch_size, accelerator.num_processes, accelerator.process_index,
-                     cfg.train.grad_accum, cfg.train.seed, cfg.data.shuffle_window)
+                     cfg.train.grad_accum, cfg.train.seed, cfg.data.shuffle_window,
+                     cfg.data.partition, max(cfg.data.canonical_nodes, 1), nodes)
     image_size = cfg.data.image_size or (max(index.image_size) if index.image_size else 0)
     if not image_size:
         raise UserError("images in this dataset vary in size: set data.image_size")
@@ -112,6 +123,22 @@ def setup_data(cfg: Config, accelerator: Accelerator) -> Data:
     std = torch.tensor(cfg.data.std or index.std, dtype=torch.float32)
     opts = BatchOptions(mean, std, cfg.data.scaling, cfg.augment.pad_crop, cfg.model.channels_last)
     return Data(index, train, val, test, plan, image_size, opts)
+
+
+def num_nodes(accelerator: Accelerator) -> int:
+    """Nodes of this launch: torchrun/accelerate say how many processes share a node."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    if per_node < 1 or accelerator.num_processes % per_node:
+        raise RuntimeError(f"LOCAL_WORLD_SIZE={per_node} does not divide the "
+                           f"{accelerator.num_processes} processes")
+    return accelerator.num_processes // per_node
+
+
+def shard_cache(cfg: Config) -> ShardCache:
+    """The node-local cache that shards behind URLs are read through (data/cache.py)."""
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    return ShardCache(root, cfg.data.cache_limit,
+                      Retry(max(cfg.data.retries, 1), cfg.data.retry_delay))
 
 
 def has_split(index, name: str) -> bool:

@@ -5,6 +5,13 @@ Packing (offline, `shardtrain pack`):
     codec.py                     encode/decode one image (npy for small images, PNG, JPEG)
     pack.py, shard_writer.py     write tar shards + per-shard offset sidecars + index.json
     index.py, inspect.py         read index.json and sidecars; `shardtrain info` / `verify`
+    adopt.py, adopt_read.py      `shardtrain index`: index shards written by any other tool
+
+Shards anywhere (a folder, or http(s)://, s3://, gs:// through fsspec):
+    remote.py     URLs, backends, retries with backoff, verified streaming downloads
+    cache.py      the node-local shard cache: lock + atomic rename + sha256, LRU eviction
+    prefetch.py   keeps the plan's next shards downloaded; bytes downloaded per epoch
+    reader.py     ShardReader: one positioned read per sample (local, cached, or .tar.gz)
 
 Reading (every training step):
     plan.py       the epoch plan: which samples every rank reads at every step (pure arithmetic)

@@ -1,25 +1,30 @@
 """Read packed shards: load/validate index.json, sample tables, reads at sidecar offsets.
 
     from shardtrain.data.index import load_index, sample_table, ShardReader
-    index = load_index("shards/fashion-mnist-12k")
+    index = load_index("shards/fashion-mnist-12k")    # or "https://host/shards", "s3://b/shards"
     table = sample_table(index, "train")          # DataError now if a shard is missing/short
-    reader = ShardReader(table.shard_paths)
+    reader = ShardReader(table.shard_paths, remote=table.remote)
     data = reader.read(table.shard[0], table.offset[0], table.size[0])   # image member bytes
-`shardtrain info` / `shardtrain verify` live in data/inspect.py.
+
+The index and its sidecars are read from a folder or a URL (data/remote.py). Shards live next to
+index.json, or where its `shard_base` says (a folder or URL: `shardtrain index --out` writes the
+index elsewhere than the shards). Shards behind a URL are read through the node-local cache
+(data/cache.py); the table's `remote` says how. `shardtrain info` / `verify`: data/inspect.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import zlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from shardtrain.data.cache import RemoteShards, ShardCache, ShardRef, default_cache_dir
+from shardtrain.data.reader import ShardReader  # noqa: F401 - re-exported: index.ShardReader
+from shardtrain.data.remote import NotFound, Retry, is_url, join, local_path, read_url
 from shardtrain.errors import DataError, UserError
 
 
@@ -42,6 +47,18 @@ class Index:
     std: list[float]
     splits: dict[str, SplitInfo]
     raw: dict
+    location: str = ""  # the folder or URL holding index.json (and, by default, the shards)
+
+    @property
+    def shard_base(self) -> str:
+        """Folder or URL of the shards: index.json's `shard_base`, else its own location."""
+        base = self.raw.get("shard_base") or self.location
+        return base if is_url(base) else str(local_path(base))
+
+    @property
+    def adopted(self) -> bool:
+        """Shards written by another tool (`shardtrain index`): keys are theirs, not ids."""
+        return self.raw.get("source", {}).get("kind") == "adopted"
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -53,7 +70,26 @@ class Index:
 
 def index_hash(dir: str | Path) -> str:
     """sha256 of index.json's bytes: identifies a packed dataset version."""
-    return hashlib.sha256((Path(dir) / "index.json").read_bytes()).hexdigest()
+    return hashlib.sha256(index_bytes(str(dir))).hexdigest()
+
+
+def index_bytes(location: str) -> bytes:
+    if is_url(location):
+        return remote_index_bytes(location)
+    path = local_path(location) / "index.json"
+    if not path.is_file():
+        raise UserError(f"no index.json in {location}: pack a dataset first with `shardtrain "
+                        f"pack` (or adopt shards with `shardtrain index`)")
+    return path.read_bytes()
+
+
+@lru_cache(maxsize=4)  # read once per process: checkpoints ask for the hash again and again
+def remote_index_bytes(url: str) -> bytes:
+    try:
+        return read_url(join(url, "index.json"), Retry())
+    except NotFound:
+        raise UserError(f"no index.json at {url}: serve a folder written by `shardtrain pack` "
+                        f"or `shardtrain index`") from None
 
 
 def _check_split(root: Path, name: str, sp: dict, n_classes: int) -> SplitInfo:
@@ -70,13 +106,14 @@ def _check_split(root: Path, name: str, sp: dict, n_classes: int) -> SplitInfo:
 
 
 def load_index(dir: str | Path) -> Index:
-    """Load and validate DIR/index.json (UserError/DataError with a one-line reason)."""
-    root = Path(dir)
-    path = root / "index.json"
-    if not path.is_file():
-        raise UserError(f"no index.json in {root}: pack a dataset first with `shardtrain pack`")
+    """Load and validate DIR/index.json, DIR a folder or URL (UserError/DataError, one line)."""
+    location = str(dir)
+    remote = is_url(location)
+    root = Path(location.rstrip("/").split("/")[-1]) if remote else local_path(location)
+    path = f"{location.rstrip('/')}/index.json"
+    data = index_bytes(location)
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(data)
         if raw.get("format_version") != 1:
             raise DataError(f"{path}: unsupported format_version {raw.get('format_version')!r}")
         classes, size = list(raw["classes"]), raw["image_size"]
@@ -84,7 +121,7 @@ def load_index(dir: str | Path) -> Index:
         if "train" not in splits or raw["channels"] not in (1, 3):
             raise DataError(f"{path}: no train split or bad channels")
         return Index(root, raw["name"], classes, raw["channels"], tuple(size) if size else None,
-                     list(raw["mean"]), list(raw["std"]), splits, raw)  # fmt: skip
+                     list(raw["mean"]), list(raw["std"]), splits, raw, location)  # fmt: skip
     except DataError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -100,8 +137,17 @@ class SampleTable:
     size: np.ndarray  # int64
     ext: list[str]
     label: np.ndarray  # int64
-    shard_paths: list[Path]
+    shard_paths: list[Path]  # local shards; for shards behind URLs, their node-cache entries
     damaged: list[str] = field(default_factory=list)  # shards whose size differs from index.json
+    remote: RemoteShards | None = None  # set when the shards live behind URLs
+
+    @property
+    def downloads(self):
+        """cache.Downloads of this process (None for local shards)."""
+        return self.remote.cache.downloads if self.remote else None
+
+    def shard_name(self, shard: int) -> str:
+        return self.remote.refs[shard].name if self.remote else self.shard_paths[shard].name
 
     def __len__(self) -> int:
         return len(self.label)
@@ -115,117 +161,86 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_sidecar(root: Path, s: dict, first_id: int, n_classes: int, damaged: list) -> dict:
-    side_path, shard_path = root / s["samples_file"], root / s["file"]
-    for p in (shard_path, side_path):
+def load_sidecar(root: Path, s: dict, first_id: int, n_classes: int, damaged: list,
+                 consecutive_keys: bool = True, shard_dir: Path | None = None,
+                 check_shard: bool = True) -> dict:
+    """Read and check a local sidecar; note a local shard whose size differs from the index."""
+    side_path, shard_path = root / s["samples_file"], (shard_dir or root) / s["file"]
+    for p in (shard_path, side_path) if check_shard else (side_path,):
         if not p.is_file():
-            raise DataError(f"{p.name}: missing from {root}")
-    if shard_path.stat().st_size != s["bytes"]:
+            raise DataError(f"{p.name}: missing from {p.parent}")
+    if check_shard and shard_path.stat().st_size != s["bytes"]:
         damaged.append(f"{s['file']}: size {shard_path.stat().st_size} != {s['bytes']} bytes "
                        f"in index.json (truncated or replaced?)")  # fmt: skip
     data = side_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != s["samples_sha256"]:
         raise DataError(f"{s['samples_file']}: sha256 mismatch with index.json")
+    return parse_sidecar(data, s, first_id, n_classes, consecutive_keys)
+
+
+def parse_sidecar(data: bytes, s: dict, first_id: int, n_classes: int,
+                  consecutive_keys: bool) -> dict:
     side = json.loads(data)
     n = s["num_samples"]
     if any(len(side[k]) != n for k in ("keys", "labels", "exts", "offsets", "sizes")):
         raise DataError(f"{s['samples_file']}: expected {n} entries")
-    if side["keys"] != [f"{first_id + i:08d}" for i in range(n)]:
+    if consecutive_keys and side["keys"] != [f"{first_id + i:08d}" for i in range(n)]:
         raise DataError(f"{s['samples_file']}: keys are not consecutive sample ids")
     if any(not 0 <= y < n_classes for y in side["labels"]):
         raise DataError(f"{s['samples_file']}: label out of range")
     return side
 
 
-def sample_table(index: Index, split: str, check_checksums: bool = False) -> SampleTable:
+def read_sidecar(index: Index, s: dict, first_id: int, damaged: list,
+                 cache: ShardCache) -> dict:
+    """One shard's sidecar from the index's folder or URL (remote ones via the node cache)."""
+    n_classes, consecutive = len(index.classes), not index.adopted
+    if is_url(index.location):
+        ref = ShardRef(join(index.location, s["samples_file"]), s["samples_file"],
+                       s["samples_sha256"], 0)
+        return parse_sidecar(cache.read_small(ref), s, first_id, n_classes, consecutive)
+    local_shards = not is_url(index.shard_base)  # else: local sidecars, shards behind a URL
+    return load_sidecar(index.root, s, first_id, n_classes, damaged, consecutive,
+                        Path(index.shard_base) if local_shards else None, local_shards)
+
+
+def remote_shards(index: Index, shards: list[dict], cache: ShardCache) -> RemoteShards:
+    refs = [ShardRef(join(index.shard_base, s["file"]), s["file"], s["sha256"], s["bytes"],
+                     gz=s["file"].endswith((".gz", ".tgz"))) for s in shards]
+    return RemoteShards(refs, cache)
+
+
+def sample_table(index: Index, split: str, check_checksums: bool = False,
+                 cache: ShardCache | None = None) -> SampleTable:
     """Sample arrays of one split; DataError naming the first missing/mismatched file.
 
-    Without check_checksums a shard whose size differs from index.json is not an error: it is
-    listed in `damaged`, and the loader reads it up to the damage, skipping what it cannot read.
+    Without check_checksums a local shard whose size differs from index.json is not an error:
+    it is listed in `damaged`, and the loader reads it up to the damage, skipping what it cannot
+    read. Shards behind URLs are checked (size, sha256) as they are downloaded, so
+    check_checksums does not fetch them all up front; `cache` is where they go (default: the
+    node's temp dir, no size limit).
     """
     info = index.split(split)
+    cache = cache or ShardCache(default_cache_dir(), 0, Retry())
+    remote = remote_shards(index, info.shards, cache) if is_url(index.shard_base) else None
     cols: dict[str, list] = {"shard": [], "offset": [], "size": [], "ext": [], "label": []}
     damaged: list[str] = []
     for i, s in enumerate(info.shards):
-        side = load_sidecar(index.root, s, len(cols["label"]), len(index.classes), damaged)
+        side = read_sidecar(index, s, len(cols["label"]), damaged, cache)
         if damaged and check_checksums:
             raise DataError(damaged[0])
-        if check_checksums and sha256_file(index.root / s["file"]) != s["sha256"]:
+        if check_checksums and not remote and \
+                sha256_file(Path(index.shard_base) / s["file"]) != s["sha256"]:
             raise DataError(f"{s['file']}: sha256 mismatch with index.json (corrupt shard; "
                             f"data.verify_checksums=false reads what is readable)")
         cols["shard"] += [i] * s["num_samples"]
-        for col, key in (
-            ("offset", "offsets"),
-            ("size", "sizes"),
-            ("ext", "exts"),
-            ("label", "labels"),
-        ):
+        for col, key in (("offset", "offsets"), ("size", "sizes"), ("ext", "exts"),
+                         ("label", "labels")):
             cols[col] += side[key]
+    paths = [cache.entry(r) for r in remote.refs] if remote else \
+        [Path(index.shard_base) / s["file"] for s in info.shards]
     return SampleTable(
         np.asarray(cols["shard"], np.int32), np.asarray(cols["offset"], np.int64),
         np.asarray(cols["size"], np.int64), cols["ext"], np.asarray(cols["label"], np.int64),
-        [index.root / s["file"] for s in info.shards], damaged,
+        paths, damaged, remote,
     )  # fmt: skip
-
-
-def decompress_readable(raw: bytes) -> bytes:
-    """gunzip as much as is readable: a truncated .tar.gz still yields its first samples."""
-    d, out = zlib.decompressobj(16 + zlib.MAX_WBITS), []
-    for i in range(0, len(raw), 1 << 16):
-        try:
-            out.append(d.decompress(raw[i:i + (1 << 16)]))
-        except zlib.error:
-            break
-    return b"".join(out)
-
-
-class ShardReader:
-    """Reads image members by (shard, offset, size). Opens files lazily, per process.
-
-    Plain .tar shards: one kept-open handle per shard, seek + read. .tar.gz shards are
-    decompressed whole into memory, the `cache_shards` most recent kept (LRU).
-    """
-
-    def __init__(self, paths: list[Path], cache_shards: int = 4):
-        self.paths, self.cache_shards = [Path(p) for p in paths], cache_shards
-        self._pid, self._files, self._cache = None, {}, OrderedDict()
-
-    def __getstate__(self) -> dict:  # handles never cross a process boundary
-        return {"paths": self.paths, "cache_shards": self.cache_shards}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["paths"], state["cache_shards"])
-
-    def _reset_if_forked(self) -> None:
-        if self._pid != os.getpid():  # a forked DataLoader worker must not share file offsets
-            self._pid, self._files, self._cache = os.getpid(), {}, OrderedDict()
-
-    def _gz_bytes(self, shard: int) -> bytes:
-        if shard in self._cache:
-            self._cache.move_to_end(shard)
-            return self._cache[shard]
-        data = decompress_readable(self.paths[shard].read_bytes())
-        self._cache[shard] = data
-        while len(self._cache) > self.cache_shards:
-            self._cache.popitem(last=False)
-        return data
-
-    def read(self, shard: int, offset: int, size: int) -> bytes:
-        """The `size` bytes at `offset` of the shard's uncompressed tar stream."""
-        self._reset_if_forked()
-        path = self.paths[shard]
-        if path.name.endswith(".gz"):
-            data = self._gz_bytes(shard)[offset : offset + size]
-        else:
-            f = self._files.get(shard)
-            if f is None:  # unbuffered + pread: one syscall, no 8 KiB buffer refill per sample
-                f = self._files[shard] = open(path, "rb", buffering=0)
-            data = os.pread(f.fileno(), size, offset)
-        if len(data) != size:
-            raise DataError(f"{path.name}: short read at offset {offset} (truncated shard?)")
-        return data
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files, self._cache = {}, OrderedDict()

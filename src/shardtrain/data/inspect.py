@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from shardtrain.data.codec import decode_image
 from shardtrain.data.index import Index, ShardReader, load_sidecar, load_index, sha256_file
-from shardtrain.errors import DataError
+from shardtrain.data.remote import is_url
+from shardtrain.errors import DataError, UserError
 
 
 def _split_lines(index: Index) -> list[str]:
@@ -98,21 +99,43 @@ def _verify_members(path: Path, side: dict, reader: ShardReader, shard: int, cha
         raise DataError(f"{path.name}: sample {key}: {e}") from None
 
 
+def _verify_adopted(path: Path, side: dict, reader: ShardReader, shard: int,
+                    channels: int) -> None:
+    """Shards from other tools: every sidecar offset is its `KEY.EXT` member; images decode."""
+    key = "-"
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+        for key, ext, off, size in zip(side["keys"], side["exts"], side["offsets"],
+                                       side["sizes"], strict=True):
+            if members.get(f"{key}.{ext}") != (off, size):
+                raise ValueError("sidecar offset/size disagree with the tar header")
+            decode_image(reader.read(shard, off, size), ext, channels)
+    except (ValueError, OSError, EOFError, tarfile.TarError, DataError) as e:
+        raise DataError(f"{path.name}: sample {key}: {e}") from None
+
+
 def verify_shards(dir: str | Path, progress: bool = True) -> str:
     """Re-hash and fully decode every shard; DataError names the first bad shard/sample."""
     index = load_index(dir)
+    if is_url(index.shard_base):
+        raise UserError(f"verify reads local shards; these are at {index.shard_base} (training "
+                        f"checks each one's sha256 as it downloads it)")
+    base = Path(index.shard_base)
     total = sum(sp.num_samples for sp in index.splits.values())
     n_shards = 0
     with tqdm(total=total, disable=not progress, unit="img", desc="verify") as bar:
         for name, sp in index.splits.items():
             first, counts = 0, [0] * len(index.classes)
-            paths = [index.root / s["file"] for s in sp.shards]
+            paths = [base / s["file"] for s in sp.shards]
             reader = ShardReader(paths, cache_shards=1)
+            check = _verify_adopted if index.adopted else _verify_members
             for i, s in enumerate(sp.shards):
-                side = load_sidecar(index.root, s, first, len(index.classes), damaged := [])
+                side = load_sidecar(index.root, s, first, len(index.classes), damaged := [],
+                                    not index.adopted, base)
                 if damaged:
                     raise DataError(damaged[0])
-                _verify_members(paths[i], side, reader, i, index.channels)
+                check(paths[i], side, reader, i, index.channels)
                 if sha256_file(paths[i]) != s["sha256"]:
                     raise DataError(f"{s['file']}: sha256 mismatch with index.json (corrupt shard)")
                 for y in side["labels"]:

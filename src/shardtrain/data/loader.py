@@ -11,6 +11,11 @@ depends on which worker ran. The cheap per-batch part (pad-crop, flips, normalis
 training device in train.py (on the GPU when there is one); workers only draw its parameters.
 
 Corrupt samples are dropped from their batch and reported in `batch["skipped"]`, never silently.
+
+Shards behind URLs (table.remote) are read from the node-local cache: the sampler keeps the next
+shards of the plan downloaded in the background (data/prefetch.py), a worker fetches a shard
+itself only when it gets there first, and a shard that cannot be fetched stops the run with a
+one-line DataError (exit 1) in the main process.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ from torch.utils.data import DataLoader, Dataset
 from shardtrain.config import AugmentConfig
 from shardtrain.data import transforms
 from shardtrain.data.codec import decode_image
-from shardtrain.data.index import ShardReader, SampleTable
+from shardtrain.data.index import SampleTable, ShardReader
 from shardtrain.data.plan import TrainPlan, eval_ids
+from shardtrain.data.prefetch import CountingLoader, PlanSampler
 from shardtrain.errors import DataError
+
+EVAL = -1  # Downloads key of evaluation reads
 
 
 @dataclass(frozen=True)
@@ -61,14 +69,21 @@ class Batches(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         if self.reader is None:
-            self.reader = ShardReader(self.table.shard_paths)
+            self.reader = ShardReader(self.table.shard_paths, remote=self.table.remote)
         epoch, ids = self.batch_ids(i)
+        epoch = epoch if self.options.train else EVAL
+        downloaded = 0
+        if self.table.remote is not None:
+            try:  # fetch failures are not corrupt samples: the main process stops the run
+                downloaded = self.reader.open_shards(np.unique(self.table.shard[ids]).tolist())
+            except DataError as e:
+                return {"fetch_error": str(e)}
         images, labels, params, kept, skipped = [], [], [], [], []
         for sample_id in ids.tolist():
             try:
                 image = self.load(sample_id)
             except (ValueError, OSError, DataError) as e:  # corrupt sample: drop and report it
-                skipped.append(f"{self.table.shard_paths[self.table.shard[sample_id]].name}:"
+                skipped.append(f"{self.table.shard_name(self.table.shard[sample_id])}:"
                                f"{sample_id:08d}: {e}")
                 continue
             image, param = self.augment(image, epoch, sample_id)
@@ -76,7 +91,8 @@ class Batches(Dataset):
             params.append(param)
             labels.append(int(self.table.label[sample_id]))
             kept.append(sample_id)
-        return collate(images, labels, params, kept, skipped, self.options)
+        return {**collate(images, labels, params, kept, skipped, self.options),
+                "epoch": epoch, "downloaded": downloaded}
 
     def load(self, sample_id: int) -> torch.Tensor:
         t = self.table
@@ -120,13 +136,16 @@ def make_train_loader(table: SampleTable, plan: TrainPlan, options: SampleOption
                       pin_memory: bool) -> DataLoader:
     """This rank's micro-batches start_micro..end_micro-1 (counted from the start of training)."""
     dataset = Batches(table, options, plan.micro_batch, length=end_micro)
-    return DataLoader(
-        dataset, batch_size=None, sampler=range(start_micro, end_micro), num_workers=workers,
+    sampler = PlanSampler(start_micro, end_micro, plan.micro_batch, table,
+                          in_flight=max(workers, 1) * (prefetch if workers else 1))
+    loader = DataLoader(
+        dataset, batch_size=None, sampler=sampler, num_workers=workers,
         pin_memory=pin_memory, prefetch_factor=prefetch if workers else None,
         multiprocessing_context=worker_context(workers), worker_init_fn=ignore_job_signals,
         # its own generator: drawing worker seeds must not consume the global RNG (dropout),
         # or a resumed run would diverge from an uninterrupted one
         generator=torch.Generator().manual_seed(options.seed))
+    return CountingLoader(loader, table.downloads)
 
 
 def make_eval_loader(table: SampleTable, options: SampleOptions, *, world_size: int, rank: int,
@@ -135,12 +154,13 @@ def make_eval_loader(table: SampleTable, options: SampleOptions, *, world_size: 
     """This rank's share of a split, every sample once across ranks (plan.eval_ids)."""
     chunks = EvalChunks(eval_ids(len(table.label), world_size, rank), batch_size)
     dataset = Batches(table, options, chunks, length=len(chunks))
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                      pin_memory=pin_memory, prefetch_factor=2 if workers else None,
-                      multiprocessing_context=worker_context(workers),
-                      worker_init_fn=ignore_job_signals,
-                      persistent_workers=persistent and workers > 0,
-                      generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                        pin_memory=pin_memory, prefetch_factor=2 if workers else None,
+                        multiprocessing_context=worker_context(workers),
+                        worker_init_fn=ignore_job_signals,
+                        persistent_workers=persistent and workers > 0,
+                        generator=torch.Generator().manual_seed(0))
+    return CountingLoader(loader, table.downloads)
 
 
 JOB_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # preemption: the trainer's, not the workers'
