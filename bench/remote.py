@@ -97,7 +97,7 @@ def node_egress(url: str, nodes: int, partition: str, epochs: int, limit: int,
     for node in range(nodes):
         cache = ShardCache(tmp / f"{partition}-{nodes}-node{node}", limit, Retry())
         table = sample_table(index, "train", cache=cache)
-        table.remote.prefetch_shards = 4
+        table.remote.prefetch_shards = 2
         plan = plan_for(index, world=nodes, rank=node, partition=partition,
                         canonical=nodes if partition == "node" else 1, nodes=nodes, batch=64)
         options = SampleOptions(channels=index.channels, image_size=index.image_size[0],

@@ -131,3 +131,28 @@ def test_info_text_class_table(tmp_path, tiny_shards):
     assert "IMBALANCED" in text and "ratio: 3.00" in text
     raw = json.loads((tmp_path / "out" / "index.json").read_text())
     assert raw["splits"]["train"]["class_counts"] == [2, 6]
+
+
+def test_gz_shard_is_inflated_to_disk_not_memory(tmp_path):
+    """A .tar.gz shard is inflated into a temporary file: reading a sample from a ~16 MB shard
+    allocates kilobytes, not the inflated shard (what a worker held 4 of before)."""
+    import io
+    import tracemalloc
+
+    from shardtrain.data.shard_writer import SplitShardWriter
+
+    rng = np.random.default_rng(0)
+    writer = SplitShardWriter(tmp_path, "train", shard_size=1400, compress=True)
+    for i in range(1400):
+        buf = io.BytesIO()
+        np.save(buf, rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # incompressible
+        writer.add("npy", buf.getvalue(), label=i % 2)
+    writer.close()
+    side = json.loads((tmp_path / "train-000000.samples.json").read_text())
+    reader = ShardReader([tmp_path / "train-000000.tar.gz"])
+    tracemalloc.start()
+    data = reader.read(0, side["offsets"][-1], side["sizes"][-1])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert decode_image(data, "npy", 3).shape == (3, 64, 64)
+    assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MiB allocated to read one sample"

@@ -131,3 +131,15 @@ def test_node_layout_checks():
         check_node_layout(16, nodes=3, canonical_nodes=4, num_samples=100)
     with pytest.raises(ValueError, match="divisible by max"):
         check_node_layout(6, nodes=2, canonical_nodes=4, num_samples=100)
+
+
+def test_node_plan_block_shuffles_within_each_canonical_node():
+    from shardtrain.data.plan import node_orders
+
+    rows = node_orders((20,) * 8, seed=0, epoch=0, window=2, canonical_nodes=2)
+    assert rows.shape == (2, 80) and sorted(rows.ravel().tolist()) == list(range(160))
+    for row in rows:  # two windows of 2 shards each: reads stay within 2 shards at a time
+        for w in range(2):
+            shards = row[w * 40:(w + 1) * 40] // 20
+            assert len(set(shards.tolist())) == 2
+            assert np.count_nonzero(np.diff(shards)) > 1  # the two shards' samples interleave
