@@ -5,7 +5,7 @@
 1. Throughput: images/s of the shard loader (`make_train_loader`, 2 workers, recipe-like
    augmentation, no model) over 3,000 generated 100 px JPEGs in shards of 250, read from local
    disk, from a real nginx on 127.0.0.1 with a cold node cache (emptied before every round),
-   and with a warm one (filled once). Interleaved rounds, medians. Loopback is not a WAN: the
+   and with a warm one (filled once). 7 interleaved rounds, medians. Loopback is not a WAN: the
    cold figure shows the cache's own cost (download, sha256, rename), not a network's.
 2. Egress: bytes downloaded per epoch per node for 1 vs 2 simulated nodes, global vs
    node-partitioned plan (data.partition=node, C = the node count), each node with its own
@@ -134,27 +134,36 @@ def egress(quick: bool, web_root: Path, tmp: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--part", choices=["all", "throughput", "egress"], default="all",
+                        help="egress alone is light (byte counts do not depend on the load)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-remote-"))
-    data = jpeg_dataset(1_000 if args.quick else 3_000)
-    with Nginx(data, tmp / "nginx") as web:
-        speed = throughput(data, web, 2 if args.quick else 3, tmp)
-    served = tmp / "served"
-    served.mkdir()
-    out = {"machine": machine(), "throughput_2_workers": speed,
-           "egress": egress(args.quick, served, tmp)}
-    save_json(RESULTS / f"remote{'-quick' if args.quick else ''}.json", out)
-    print(f"loader img/s (2 workers): local {speed['local']['median_img_s']}, nginx cold "
-          f"{speed['nginx_cold']['median_img_s']} ({speed['nginx_cold_vs_local']}x), "
-          f"warm {speed['nginx_warm']['median_img_s']} ({speed['nginx_warm_vs_local']}x)")
-    e = out["egress"]
+    out = {"machine": machine()}
+    if args.part in ("all", "throughput"):
+        data = jpeg_dataset(1_000 if args.quick else 3_000)
+        with Nginx(data, tmp / "nginx") as web:
+            speed = out["throughput_2_workers"] = throughput(data, web, 2 if args.quick else 7,
+                                                             tmp)
+        print(f"loader img/s (2 workers): local {speed['local']['median_img_s']}, nginx cold "
+              f"{speed['nginx_cold']['median_img_s']} ({speed['nginx_cold_vs_local']}x), "
+              f"warm {speed['nginx_warm']['median_img_s']} ({speed['nginx_warm_vs_local']}x)")
+    if args.part in ("all", "egress"):
+        served = tmp / "served"
+        served.mkdir()
+        out["egress"] = egress(args.quick, served, tmp)
+        print_egress(out["egress"])
+    name = "remote" + ("" if args.part == "all" else f"-{args.part}")
+    save_json(RESULTS / f"{name}{'-quick' if args.quick else ''}.json", out)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_egress(e: dict) -> None:
     print(f"egress, dataset {e['dataset_bytes'] / 1e6:.1f} MB, cache "
           f"{e['cache_limit_per_node'] / 1e6:.1f} MB per node")
     for name, row in e.items():
         if isinstance(row, dict):
             print(f"  {name:16} per epoch (x dataset): {row['dataset_per_epoch']}  "
                   f"bytes [epoch][node]: {row['bytes_per_epoch_per_node']}")
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

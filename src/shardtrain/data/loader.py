@@ -137,7 +137,8 @@ def make_train_loader(table: SampleTable, plan: TrainPlan, options: SampleOption
     """This rank's micro-batches start_micro..end_micro-1 (counted from the start of training)."""
     dataset = Batches(table, options, plan.micro_batch, length=end_micro)
     sampler = PlanSampler(start_micro, end_micro, plan.micro_batch, table,
-                          in_flight=max(workers, 1) * (prefetch if workers else 1))
+                          in_flight=max(workers, 1) * (prefetch if workers else 1),
+                          window_shards=plan.shards_at_once)
     loader = DataLoader(
         dataset, batch_size=None, sampler=sampler, num_workers=workers,
         pin_memory=pin_memory, prefetch_factor=prefetch if workers else None,

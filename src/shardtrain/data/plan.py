@@ -80,6 +80,14 @@ class TrainPlan:
         return sum(self.shard_sizes) // self.global_batch
 
     @property
+    def shards_at_once(self) -> int:
+        """Shards a rank's batches draw from at any moment: the block-shuffle window (one per
+        canonical node its node serves); the cache must hold them, prefetching comes on top."""
+        streams = max(self.canonical_nodes // self.nodes, 1) if self.partition == "node" else 1
+        n = len(self.shard_sizes)
+        return n if self.window <= 0 else min(self.window * streams, n)
+
+    @property
     def micro_per_epoch(self) -> int:
         return self.steps_per_epoch * self.grad_accum
 

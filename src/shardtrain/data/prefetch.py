@@ -3,8 +3,9 @@
 The train DataLoader's sampler (PlanSampler) runs in the rank's main process and hands batch
 indices to the workers in plan order. For shards behind URLs it also runs a Prefetcher thread:
 the plan says which shards the batches after the last one handed out will read, so the thread
-keeps the next `prefetch_shards` of them downloaded (first use first) and then evicts what the
-cache limit requires, sparing the shards of batches in flight and those it just fetched. In a
+keeps the current window's shards and the next `prefetch_shards` after them downloaded (first
+use first), then evicts what the cache limit requires, sparing the shards of batches in flight
+and of that horizon. In a
 warm steady state the workers never wait on the network; when they do (a miss), they fetch the
 shard themselves and the bytes come back with the batch.
 
@@ -32,11 +33,11 @@ class Prefetcher(threading.Thread):
 
     SCAN = 2048  # batches looked ahead at most to find `prefetch_shards` distinct shards
 
-    def __init__(self, batch_ids, shard_of, end: int, remote, prefetch_shards: int,
-                 in_flight: int, downloads: Downloads):
+    def __init__(self, batch_ids, shard_of, end: int, remote, horizon: int, in_flight: int,
+                 downloads: Downloads):
         super().__init__(daemon=True, name="shardtrain-prefetch")
         self.batch_ids, self.shard_of, self.end = batch_ids, shard_of, end
-        self.remote, self.prefetch_shards, self.in_flight = remote, prefetch_shards, in_flight
+        self.remote, self.horizon, self.in_flight = remote, horizon, in_flight
         self.downloads = downloads
         self.position, self.error = 0, None
         self.changed, self.stopped = threading.Condition(), False
@@ -52,13 +53,13 @@ class Prefetcher(threading.Thread):
             self.changed.notify()
 
     def upcoming(self, position: int) -> list[tuple[int, int]]:
-        """(shard, epoch) of the next `prefetch_shards` distinct shards from `position` on."""
+        """(shard, epoch) of the next `horizon` distinct shards from `position` on."""
         wanted: dict[int, int] = {}
         for i in range(position, min(self.end, position + self.SCAN)):
             epoch, ids = self.batch_ids(i)
             for shard in first_use_order(self.shard_of[ids]):
                 wanted.setdefault(shard, epoch)
-            if len(wanted) >= self.prefetch_shards:  # whole batches: all they read is wanted
+            if len(wanted) >= self.horizon:  # whole batches: all they read is wanted
                 break
         return list(wanted.items())
 
@@ -98,9 +99,10 @@ class Prefetcher(threading.Thread):
 class PlanSampler:
     """Batch indices start..end-1 in order; drives a Prefetcher when the shards are remote."""
 
-    def __init__(self, start: int, end: int, batch_ids, table, in_flight: int):
+    def __init__(self, start: int, end: int, batch_ids, table, in_flight: int,
+                 window_shards: int = 1):
         self.start, self.end, self.batch_ids, self.table = start, end, batch_ids, table
-        self.in_flight = in_flight
+        self.in_flight, self.window_shards = in_flight, window_shards
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -110,8 +112,9 @@ class PlanSampler:
             yield from range(self.start, self.end)
             return
         remote = self.table.remote
-        prefetcher = Prefetcher(self.batch_ids, self.table.shard, self.end, remote,
-                                remote.prefetch_shards, self.in_flight, remote.cache.downloads)
+        horizon = self.window_shards + remote.prefetch_shards
+        prefetcher = Prefetcher(self.batch_ids, self.table.shard, self.end, remote, horizon,
+                                self.in_flight, remote.cache.downloads)
         prefetcher.advance(self.start)
         prefetcher.start()
         try:

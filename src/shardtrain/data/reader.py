@@ -12,7 +12,8 @@
   most `cache_shards` at a time): memory stays flat whatever the shard size. A truncated one
   yields what precedes the damage.
 Files are opened lazily and never shared across processes (a forked worker starts afresh); at
-most `max_open` stay open, least recently used closed first.
+most `max_open` stay open, least recently used closed first (cached shards: only the current
+batch's, see open_shards).
 """
 
 from __future__ import annotations
@@ -62,11 +63,18 @@ class ShardReader:
             self._pid, self._files, self._gz = os.getpid(), OrderedDict(), set()
 
     def open_shards(self, shards) -> int:
-        """Make these shards readable now (fetching remote ones); bytes downloaded doing so."""
+        """Make these shards readable now (fetching remote ones); bytes downloaded doing so.
+
+        Cached shards of earlier batches are closed first: an open file would keep an evicted
+        entry's disk space (and bytes) alive, so the cache limit and its LRU would not bite."""
         self._reset_if_forked()
+        keep = {int(s) for s in shards}
+        if self.remote is not None:
+            for shard in [s for s in self._files if s not in keep]:
+                self._files.pop(shard).close()
         before = self.downloaded
-        for shard in shards:
-            self._file(int(shard), protect=shards)
+        for shard in keep:
+            self._file(shard, protect=keep)
         return self.downloaded - before
 
     def take_downloaded(self) -> int:
