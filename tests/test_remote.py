@@ -167,3 +167,24 @@ def test_training_from_s3_matches_local(learnable_shards, local_run, tiny_recipe
     assert same_weights(local_run / "model.safetensors", tmp_path / "run" / "model.safetensors")
     final = read_json(tmp_path / "run" / "final.json")
     assert final["downloaded_bytes_per_epoch"][1] == [0]  # the cache held it all: no egress
+
+
+def test_reader_keeps_only_the_current_batch_cached_shards_open(tmp_path):
+    """An open file keeps an evicted entry's bytes on disk: readers close earlier shards."""
+    from shardtrain.data.reader import ShardReader
+
+    paths = [tmp_path / f"{i}.tar" for i in range(3)]
+    for p in paths:
+        p.write_bytes(b"abcdef")
+
+    class Cached:  # stands in for RemoteShards: the entries are already in the cache
+        refs = [ShardRef(f"http://x/{i}", f"{i}.tar", "0" * 64, 6) for i in range(3)]
+
+        def fetch(self, shard):
+            return paths[shard], 0
+
+    reader = ShardReader(paths, remote=Cached())
+    reader.open_shards([0, 1])
+    assert reader.read(1, 2, 3) == b"cde"
+    reader.open_shards([2])
+    assert list(reader._files) == [2]
