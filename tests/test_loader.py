@@ -68,3 +68,22 @@ def test_eval_loader_covers_each_sample_once(learnable_shards):
                                   pin_memory=False):
             ids += b["ids"].tolist()
     assert sorted(ids) == list(range(len(table)))
+
+
+def test_progressive_sizes_resize_the_first_epochs_only(learnable_shards):
+    from dataclasses import replace
+
+    from shardtrain.data.batch import BatchOptions, prepare_batch
+
+    table, plan = setup(learnable_shards)
+    options = replace(OPTIONS, progressive_sizes=(8, 12))  # epoch 0 at 8 px, epoch 1 at 12 px
+    per_epoch = plan.micro_per_epoch
+    loader = make_train_loader(table, plan, options, start_micro=0, end_micro=per_epoch * 3,
+                               workers=0, prefetch=2, pin_memory=False)
+    opts = BatchOptions(torch.zeros(3), torch.ones(3), "unit", pad_crop=2)
+    sides = [prepare_batch(b, torch.device("cpu"), opts, train=True)[0].shape[-2:]
+             for b in loader]
+    want = [(8, 8)] * per_epoch + [(12, 12)] * per_epoch + [(16, 16)] * per_epoch
+    assert [tuple(s) for s in sides] == want
+    eval_batch = next(iter(loader))  # the same batch read for evaluation keeps its full size
+    assert prepare_batch(eval_batch, torch.device("cpu"), opts, train=False)[0].shape[-1] == 16

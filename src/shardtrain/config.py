@@ -64,6 +64,9 @@ class AugmentConfig:
     cutmix_alpha: float = 0.0  # Beta(a, a) cutmix box of batch pairs (0 = off)
     mix_prob: float = 1.0  # probability a micro-batch is mixed (when mixup/cutmix is on)
     switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
+    progressive_sizes: list[int] = field(default_factory=list)  # training side (px) of the
+    #   first epochs, one per epoch (e.g. [20, 24]: epoch 1 at 20 px, epoch 2 at 24 px), batched
+    #   antialiased resize on the device; later epochs and every eval use the full size
 
 
 @dataclass
@@ -160,6 +163,9 @@ class Config:
                 raise UserError(f"{key} must be >= 1, got {value}")
         if self.train.epochs < 1 and self.train.max_steps < 1:
             raise UserError("train.epochs or train.max_steps must be >= 1")
+        if any(size < 4 for size in self.augment.progressive_sizes):
+            raise UserError(f"augment.progressive_sizes must be >= 4 px, got "
+                            f"{self.augment.progressive_sizes}")
         if not 0 <= self.optim.warmup_frac < 1:
             raise UserError(f"optim.warmup_frac must be in [0, 1), got {self.optim.warmup_frac}")
 

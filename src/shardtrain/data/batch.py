@@ -3,6 +3,9 @@
 Workers send uint8 images (4x less to copy than float) plus per-sample crop/flip parameters; the
 pad-crop, flips, normalisation and memory-format change run here as batched tensor ops, on the
 GPU when there is one. Copies are non_blocking from pinned memory (the loader pins on CUDA).
+Progressive resizing (augment.progressive_sizes): the loader tags each training batch with the
+side of its epoch (batch["size"]); a smaller side is a batched antialiased bilinear resize here,
+after normalisation, so early epochs cost (size / image_size)^2 of the compute.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ def prepare_batch(batch: dict, device: torch.device, opts: BatchOptions,
             batch["hflips"].to(device, non_blocking=True),
             batch["vflips"].to(device, non_blocking=True), opts.pad_crop)
     x = transforms.normalize(x, opts.mean.to(device), opts.std.to(device), opts.scaling)
+    size = batch.get("size", x.shape[-1])
+    if train and size != x.shape[-1]:  # progressive resizing: this epoch trains at size px
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                            antialias=True, align_corners=False)
     if opts.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y

@@ -55,6 +55,12 @@ class SampleOptions:
     color_jitter: float = 0.0
     policy: str = "none"  # none | randaugment | trivialaugment
     random_erasing: float = 0.0  # probability per sample
+    progressive_sizes: tuple[int, ...] = ()  # training side of the first epochs (batch.py)
+
+    def train_size(self, epoch: int) -> int:
+        """The side the training device resizes this epoch's batches to (progressive resizing)."""
+        sizes = self.progressive_sizes
+        return sizes[epoch] if self.train and epoch < len(sizes) else self.image_size
 
 
 class Batches(Dataset):
@@ -92,7 +98,8 @@ class Batches(Dataset):
             labels.append(int(self.table.label[sample_id]))
             kept.append(sample_id)
         return {**collate(images, labels, params, kept, skipped, self.options),
-                "epoch": epoch, "downloaded": downloaded}
+                "epoch": epoch, "downloaded": downloaded,
+                "size": self.options.train_size(epoch)}  # progressive resizing (batch.py)
 
     def load(self, sample_id: int) -> torch.Tensor:
         t = self.table
@@ -213,7 +220,7 @@ def train_options(augment: AugmentConfig, seed: int, channels: int,
         channels=channels, image_size=image_size, train=True, seed=seed,
         pad_crop=a.pad_crop, hflip=a.hflip, vflip=a.vflip, resized_crop=a.resized_crop,
         rotation=a.rotation, color_jitter=a.color_jitter, policy=a.policy,
-        random_erasing=a.random_erasing)
+        random_erasing=a.random_erasing, progressive_sizes=tuple(a.progressive_sizes))
 
 
 def eval_options(channels: int, image_size: int) -> SampleOptions:
