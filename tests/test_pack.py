@@ -325,6 +325,31 @@ def test_encode_formats(tmp_path):
     assert ext == "jpg" and decode_image(data, "jpg", 1).shape == (1, 8, 8)
 
 
+def test_max_size_shrinks_large_photos_only(tmp_path):
+    rng = np.random.default_rng(4)
+    photo = _save(Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)),
+                  tmp_path / "photo.jpg", quality=90)
+    ext, data, arr = encode_sample(photo, channels=3, max_size=100)
+    assert ext == "jpg" and arr.shape == (75, 100, 3)  # aspect kept, JPEG stays JPEG
+    assert decode_image(data, "jpg", 3).shape == (3, 75, 100)
+    assert encode_sample(photo, channels=3, max_size=200)[1] == photo.read_bytes()  # fits: kept
+    png = _save(Image.fromarray(rng.integers(0, 256, (200, 100, 3), dtype=np.uint8)),
+                tmp_path / "tall.png")
+    ext, _, arr = encode_sample(png, channels=3, max_size=160)
+    assert ext == "png" and arr.shape == (160, 80, 3)  # lossless source stays lossless
+    arr = encode_sample(np.zeros((90, 30), np.uint8), channels=1, max_size=45)[2]
+    assert arr.shape == (45, 15)
+    assert encode_sample(photo, channels=3, image_size=32, max_size=10)[2].shape == (32, 32, 3)
+    src = tmp_path / "src" / "train"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        shutil.copy(photo, src / c / "x.jpg")
+    index = pack(tmp_path / "src", tmp_path / "out", max_size=100, val_fraction=0)
+    assert index["image_size"] == [75, 100] and index["pack_options"]["max_size"] == 100
+    with pytest.raises(UserError, match="--max-size"):
+        pack(tmp_path / "src", tmp_path / "bad", max_size=-1)
+
+
 def test_odd_images_converted_or_skipped(tmp_path):
     src = make_image_folder(tmp_path / "src", ["good"], 3, size=8)
     odd = src / "odd"

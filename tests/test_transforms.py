@@ -4,8 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shardtrain.data.transforms import (augment_sample, crop_flip_batch, normalize,
-                                        resize_sample, sample_crop_flip, sample_generator)
+from torchvision.transforms.v2 import functional as TF
+
+from shardtrain.data.transforms import (augment_sample, color_jitter_batch, crop_flip_batch,
+                                        jitter_factors, normalize, resize_sample,
+                                        sample_crop_flip, sample_generator)
 
 
 def rand_u8(*shape, seed=0):
@@ -82,8 +85,8 @@ def test_normalize_closed_form():
 
 
 @pytest.mark.parametrize("shape", [(3, 40, 24), (1, 20, 36), (3, 16, 16)])
-@pytest.mark.parametrize("kw", [dict(resized_crop=0.35, rotation=15.0, color_jitter=0.4),
-                                dict(resized_crop=0.0, rotation=0.0, color_jitter=0.0)])
+@pytest.mark.parametrize("kw", [dict(resized_crop=0.35, rotation=15.0),
+                                dict(resized_crop=0.0, rotation=0.0)])
 def test_augment_sample_shapes_and_determinism(shape, kw):
     img = rand_u8(*shape)
     out = augment_sample(img, sample_generator(0, 0, 7), out_size=16, **kw)
@@ -96,13 +99,58 @@ def test_identity_and_resize_paths():
     img = rand_u8(3, 16, 16)
     gen = sample_generator(0, 0, 0)
     state = gen.get_state()
-    out = augment_sample(img, gen, out_size=16, resized_crop=0, rotation=0, color_jitter=0)
+    out = augment_sample(img, gen, out_size=16, resized_crop=0, rotation=0)
     assert out is img and torch.equal(gen.get_state(), state)  # no draws, no copy
     assert resize_sample(img, 16) is img
     rect = resize_sample(rand_u8(1, 30, 10), 8)
     assert rect.shape == (1, 8, 8)
     const = torch.full((3, 20, 20), 77, dtype=torch.uint8)
     assert (resize_sample(const, 8) == 77).all()
-    rotated = augment_sample(const, gen, out_size=20, resized_crop=0, rotation=10, color_jitter=0)
+    rotated = augment_sample(const, gen, out_size=20, resized_crop=0, rotation=10)
     assert rotated[:, 10, 10].tolist() == [77, 77, 77]  # center unchanged, corners filled
     assert (rotated[:, 0, 0] == 0).all()
+
+
+def sequential_jitter(img, b, c, s):
+    """torchvision's brightness -> contrast -> saturation on one float image in 0..1."""
+    img = TF.adjust_contrast(TF.adjust_brightness(img, b), c)
+    return TF.adjust_saturation(img, s) if img.shape[0] == 3 else img
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_color_jitter_batch_matches_torchvision_sequence(channels):
+    # mid-range pixels and factors near 1: no intermediate value leaves 0..255, where the fused
+    # matrix and torchvision's step-by-step clamps agree exactly (up to float rounding)
+    x = (rand_u8(6, channels, 9, 7) // 4 + 96).to(torch.uint8)
+    factors = torch.tensor([jitter_factors(sample_generator(0, 0, i), 0.2) for i in range(6)])
+    out = color_jitter_batch(x, factors)
+    ref = torch.stack([sequential_jitter(img.float() / 255, *f.tolist()) * 255
+                       for img, f in zip(x, factors)])
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-3)
+    assert torch.allclose(color_jitter_batch(x, torch.ones(6, 3)), x.float())  # identity
+    saturated = color_jitter_batch(x, torch.tensor([[3.0, 1.0, 1.0]] * 6))
+    assert saturated.max() == 255 and saturated.min() >= 0  # clamped once, at the end
+
+
+def test_jitter_factors_range():
+    draws = torch.tensor([jitter_factors(sample_generator(0, 1, i), 0.3) for i in range(300)])
+    assert draws.min() >= 0.7 and draws.max() <= 1.3 and draws.std(0).min() > 0.1
+    assert jitter_factors(sample_generator(0, 0, 0), 2.0)[0] >= 0.0
+
+
+@pytest.mark.parametrize("flags", [(True, False), (False, True), (True, True), (False, False)])
+def test_crop_flip_without_padding_is_flips_only(flags):
+    x = rand_u8(5, 3, 6, 9)
+    gen = torch.Generator().manual_seed(3)
+    hflips, vflips = (torch.rand(5, generator=gen) < 0.5) & flags[0], torch.zeros(5, dtype=bool)
+    vflips |= (torch.rand(5, generator=gen) < 0.5) & flags[1]
+    offsets = torch.zeros(5, 2, dtype=torch.long)
+    assert torch.equal(crop_flip_batch(x, offsets, hflips, vflips, 0),
+                       naive_crop_flip(x, offsets, hflips, vflips, 0))
+
+
+def test_normalize_channels_last_output():
+    x = rand_u8(2, 3, 5, 4)
+    out = normalize(x, [0.1, 0.2, 0.3], [0.5, 0.25, 2.0], "standardize", channels_last=True)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, normalize(x, [0.1, 0.2, 0.3], [0.5, 0.25, 2.0], "standardize"))

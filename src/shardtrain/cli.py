@@ -51,6 +51,8 @@ def add_pack(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "npy", "png", "jpg"])
     p.add_argument("--compress", action="store_true", help="gzip the shards (.tar.gz)")
     p.add_argument("--image-size", type=int, default=0, help="resize to N x N (0 = keep)")
+    p.add_argument("--max-size", type=int, default=0,
+                   help="shrink images whose longer side exceeds N px, aspect kept (0 = keep)")
     p.add_argument("--channels", type=int, default=0, choices=[0, 1, 3], help="0 = auto")
     p.add_argument("--classes", default="", help="comma-separated class names (IDX sources)")
     p.add_argument("--strict", action="store_true", help="fail on any unreadable input")
@@ -63,7 +65,7 @@ def run_pack(args) -> None:
     write_shards(args.source, args.out_dir, shard_size=args.shard_size,
                  val_fraction=args.val_fraction, limit=args.limit, workers=args.workers,
                  seed=args.seed, fmt=args.format, compress=args.compress,
-                 image_size=args.image_size, channels=args.channels,
+                 image_size=args.image_size, max_size=args.max_size, channels=args.channels,
                  classes=[c for c in args.classes.split(",") if c] or None,
                  strict=args.strict, overwrite=args.overwrite)
 

@@ -16,13 +16,16 @@ Shards anywhere (a folder, or http(s)://, s3://, gs:// through fsspec):
 Reading (every training step):
     plan.py       the epoch plan: which samples every rank reads at every step (pure arithmetic)
     loader.py     loader workers read samples by byte offset, decode, and augment per sample
-    batch.py      on the training device: batched pad-crop/flip, normalisation, channels_last
+    batch.py      on the training device: batched pad-crop/flip, colour jitter, normalisation,
+                  progressive resizing, channels_last
     mix.py        on the training device: mixup / cutmix of a whole micro-batch
 
 Where each augmentation happens:
     in the loader workers, per sample, on uint8 images (transforms.py, seeded per sample):
-        random-resized-crop, rotation, colour jitter, RandAugment/TrivialAugment, random erasing;
-        the workers also draw each sample's pad-crop offset and flips (parameters only);
-    on the training device, per batch (batch.py, mix.py): the pad-crop and flips themselves,
-        normalisation, mixup/cutmix.
+        random-resized-crop, rotation, RandAugment/TrivialAugment, random erasing;
+        the workers also draw each sample's pad-crop offset, flips and colour-jitter factors
+        (parameters only);
+    on the training device, per batch (batch.py, mix.py): the pad-crop, flips and colour jitter
+        themselves (jitter last, after erasing), normalisation, progressive resizing,
+        mixup/cutmix.
 """

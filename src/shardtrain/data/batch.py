@@ -1,8 +1,9 @@
 """prepare_batch(): move a loader batch to the training device and finish it there.
 
-Workers send uint8 images (4x less to copy than float) plus per-sample crop/flip parameters; the
-pad-crop, flips, normalisation and memory-format change run here as batched tensor ops, on the
-GPU when there is one. Copies are non_blocking from pinned memory (the loader pins on CUDA).
+Workers send uint8 images (4x less to copy than float) plus per-sample crop/flip/jitter
+parameters; the pad-crop, flips, colour jitter, normalisation and memory-format change run here
+as batched tensor ops, on the GPU when there is one. Copies are non_blocking from pinned memory
+(the loader pins on CUDA).
 Progressive resizing (augment.progressive_sizes): the loader tags each training batch with the
 side of its epoch (batch["size"]); a smaller side is a batched antialiased bilinear resize here,
 after normalisation, so early epochs cost (size / image_size)^2 of the compute.
@@ -36,7 +37,10 @@ def prepare_batch(batch: dict, device: torch.device, opts: BatchOptions,
             x, batch["offsets"].to(device, non_blocking=True),
             batch["hflips"].to(device, non_blocking=True),
             batch["vflips"].to(device, non_blocking=True), opts.pad_crop)
-    x = transforms.normalize(x, opts.mean.to(device), opts.std.to(device), opts.scaling)
+    if train and "jitter" in batch:  # colour jitter: one 3x3 colour matrix per image
+        x = transforms.color_jitter_batch(x, batch["jitter"].to(device, non_blocking=True))
+    x = transforms.normalize(x, opts.mean.to(device), opts.std.to(device), opts.scaling,
+                             channels_last=opts.channels_last)
     size = batch.get("size", x.shape[-1])
     if train and size != x.shape[-1]:  # progressive resizing: this epoch trains at size px
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",

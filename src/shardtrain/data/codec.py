@@ -191,6 +191,14 @@ def _resize(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def _shrink(img: Image.Image, max_size: int) -> Image.Image:
+    """Resize so that the longer side is max_size (aspect kept; bicubic, antialiased)."""
+    w, h = img.size
+    scale = max_size / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
 def _keep_jpeg(raw: bytes, img: Image.Image, channels: int, resized: bool) -> bool:
     """True when the original JPEG bytes can be stored unchanged (no re-encode loss)."""
     return (
@@ -216,11 +224,15 @@ def _encode_array(arr: np.ndarray, ext: str) -> bytes:
 
 
 def encode_sample(
-    src: str | Path | np.ndarray, *, channels: int, fmt: str = "auto", image_size: int = 0
+    src: str | Path | np.ndarray, *, channels: int, fmt: str = "auto", image_size: int = 0,
+    max_size: int = 0,
 ) -> tuple[str, bytes, np.ndarray]:
     """Encode a file path or uint8 array into (ext, member bytes, stored pixels (H, W[, 3])).
 
-    Raises ValueError with a reason when the input cannot be used.
+    image_size: resize + centre-crop to a square; else max_size: shrink images whose longer
+    side exceeds it (aspect kept; a JPEG source stays JPEG, re-encoded at JPEG_QUALITY, since
+    PNG would be several times larger and slower to decode). Raises ValueError with a reason
+    when the input cannot be used.
     """
     if fmt not in ("auto", "npy", "png", "jpg"):
         raise ValueError(f"unknown format {fmt!r}")
@@ -228,6 +240,8 @@ def encode_sample(
         raw, arr, img = None, _array_to_channels(src, channels), None
         if image_size and arr.shape[:2] != (image_size, image_size):
             arr = np.asarray(_resize(Image.fromarray(arr), image_size))
+        elif not image_size and max_size and max(arr.shape[:2]) > max_size:
+            arr = np.asarray(_shrink(Image.fromarray(arr), max_size))
     else:
         raw = Path(src).read_bytes()
         if not raw:
@@ -236,10 +250,14 @@ def encode_sample(
         conv = to_mode(img, channels)
         resized = bool(image_size) and conv.size != (image_size, image_size)
         conv = _resize(conv, image_size) if resized else conv
+        shrunk = not image_size and bool(max_size) and max(conv.size) > max_size
+        conv = _shrink(conv, max_size) if shrunk else conv
         arr = np.asarray(conv)
-        if fmt in ("auto", "jpg") and _keep_jpeg(raw, img, channels, resized):
+        if fmt in ("auto", "jpg") and _keep_jpeg(raw, img, channels, resized or shrunk):
             if fmt == "jpg" or arr.shape[0] * arr.shape[1] > SMALL_PIXELS:
                 return "jpg", raw, arr
+        if shrunk and fmt == "auto" and img.format == "JPEG":
+            fmt = "jpg"
     if fmt == "auto":
         small = arr.shape[0] * arr.shape[1] <= SMALL_PIXELS
         fmt = "npy" if (raw is None or small) else "png"

@@ -7,8 +7,9 @@ starting the index range later: consumed samples are never read or decoded.
 
 Workers read samples by byte offset (index.ShardReader), decode them and run the per-sample part
 of the augmentation with a generator seeded by (seed, epoch, sample id), so the result never
-depends on which worker ran. The cheap per-batch part (pad-crop, flips, normalisation) runs on the
-training device in train.py (on the GPU when there is one); workers only draw its parameters.
+depends on which worker ran. The cheap per-batch part (pad-crop, flips, colour jitter,
+normalisation) runs on the training device in batch.py (on the GPU when there is one); workers
+only draw its parameters and send uint8 images (no float conversion in the workers).
 
 Corrupt samples are dropped from their batch and reported in `batch["skipped"]`, never silently.
 
@@ -110,12 +111,12 @@ class Batches(Dataset):
     def augment(self, image: torch.Tensor, epoch: int, sample_id: int):
         o = self.options
         if not o.train:
-            return transforms.resize_sample(image, o.image_size), (0, 0, False, False)
+            return transforms.resize_sample(image, o.image_size), (0, 0, False, False, None)
         gen = transforms.sample_generator(o.seed, epoch, sample_id)
         image = transforms.augment_sample(
-            image, gen, out_size=o.image_size, resized_crop=o.resized_crop,
-            rotation=o.rotation, color_jitter=o.color_jitter)
-        params = transforms.sample_crop_flip(gen, o.pad_crop, o.hflip, o.vflip)
+            image, gen, out_size=o.image_size, resized_crop=o.resized_crop, rotation=o.rotation)
+        jitter = transforms.jitter_factors(gen, o.color_jitter) if o.color_jitter > 0 else None
+        params = (*transforms.sample_crop_flip(gen, o.pad_crop, o.hflip, o.vflip), jitter)
         # drawn after the crop/flip params: enabling these leaves the older stream unchanged
         image = transforms.apply_policy(image, o.policy, gen)
         return transforms.random_erase(image, gen, o.random_erasing), params
@@ -135,7 +136,8 @@ def collate(images, labels, params, kept, skipped, options: SampleOptions) -> di
         "vflips": torch.tensor([p[3] for p in params], dtype=torch.bool),
         "ids": torch.tensor(kept, dtype=torch.long),
         "skipped": skipped,
-    }
+    } | ({"jitter": torch.tensor([p[4] for p in params], dtype=torch.float32).reshape(-1, 3)}
+         if options.train and options.color_jitter > 0 else {})
 
 
 def make_train_loader(table: SampleTable, plan: TrainPlan, options: SampleOptions, *,

@@ -85,11 +85,12 @@ def plan_splits(
     return {s: out[s] for s in SPLIT_ORDER if out.get(s)}
 
 
-def _encode_one(item: Item, channels: int, fmt: str, image_size: int) -> tuple:
+def _encode_one(item: Item, channels: int, fmt: str, image_size: int, max_size: int) -> tuple:
     """Worker: ("ok", ext, bytes, label, (h, w), sums, sqsums, digest) or ("skip", reason)."""
     try:
         src = item.array if item.array is not None else item.path
-        ext, data, arr = encode_sample(src, channels=channels, fmt=fmt, image_size=image_size)
+        ext, data, arr = encode_sample(src, channels=channels, fmt=fmt, image_size=image_size,
+                                       max_size=max_size)
     except (ValueError, OSError) as e:
         return ("skip", str(e))
     px = arr.reshape(arr.shape[0], arr.shape[1], -1).astype(np.int64)
@@ -181,7 +182,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _check_options(shard_size, val_fraction, fmt, channels, image_size) -> None:
+def _check_options(shard_size, val_fraction, fmt, channels, image_size, max_size) -> None:
     if shard_size < 1:
         raise UserError(f"--shard-size must be >= 1, got {shard_size}")
     if not 0 <= val_fraction < 1:
@@ -192,6 +193,8 @@ def _check_options(shard_size, val_fraction, fmt, channels, image_size) -> None:
         raise UserError(f"--channels must be 0 (auto), 1 or 3, got {channels}")
     if image_size < 0:
         raise UserError(f"--image-size must be >= 0, got {image_size}")
+    if max_size < 0:
+        raise UserError(f"--max-size must be >= 0, got {max_size}")
 
 
 def _summary(index: dict, out_dir: Path) -> str:
@@ -233,6 +236,7 @@ def write_shards(
     fmt: str = "auto",
     compress: bool = False,
     image_size: int = 0,
+    max_size: int = 0,
     channels: int = 0,
     classes: list[str] | None = None,
     strict: bool = False,
@@ -245,9 +249,12 @@ def write_shards(
         limit: max samples per split (stratified), 0 = all; "train=N,test=M" sets splits apart.
         workers: encoder processes, 0 = os.cpu_count(), 1 = in this process.
         image_size: resize the shorter side and centre-crop to this square, 0 = keep.
+        max_size: without image_size, shrink images whose longer side exceeds this (aspect
+            kept, JPEG sources stay JPEG), 0 = keep: as FFCV's max_resolution, it bounds the
+            decode cost of large photographs at train time.
         channels: 1 or 3; 0 = the source's own (1 for gray IDX, 3 otherwise).
     """
-    _check_options(shard_size, val_fraction, fmt, channels, image_size)
+    _check_options(shard_size, val_fraction, fmt, channels, image_size, max_size)
     out_dir = Path(out_dir)
     src = open_source(str(source), classes)
     channels = channels or src.channels
@@ -257,7 +264,8 @@ def write_shards(
         raise UserError(f"--strict: {s['split']} {s['path']} unusable: {s['reason']}")
     _prepare_out_dir(out_dir, overwrite)
     stats, skipped = _Stats(len(src.classes), channels), list(src.skipped)
-    encode = partial(_encode_one, channels=channels, fmt=fmt, image_size=image_size)
+    encode = partial(_encode_one, channels=channels, fmt=fmt, image_size=image_size,
+                     max_size=max_size)
     n_workers = min(workers or os.cpu_count() or 1, max(1, sum(map(len, splits.values())) // 16))
     bar = tqdm(total=sum(map(len, splits.values())), file=sys.stderr, disable=not progress,
                unit="img", desc="pack")  # fmt: skip
@@ -280,7 +288,7 @@ def write_shards(
             pool.terminate()
     options = {"shard_size": shard_size, "val_fraction": val_fraction, "limit": limit,
                "seed": seed, "format": fmt, "compress": compress, "image_size": image_size,
-               "channels": channels}  # fmt: skip
+               "max_size": max_size, "channels": channels}  # fmt: skip
     index = _make_index(out_dir, src, channels, stats, writers, skipped, options)
     (out_dir / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     print(_summary(index, out_dir))

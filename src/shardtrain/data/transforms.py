@@ -2,11 +2,13 @@
 
 Two stages, so results never depend on which loader worker ran:
 1. per sample, in a loader worker, with `gen = sample_generator(seed, epoch, sample_id)`:
-       img = augment_sample(img, gen, out_size=32, resized_crop=0.35, rotation=0, color_jitter=0)
+       img = augment_sample(img, gen, out_size=32, resized_crop=0.35, rotation=0)
+       b, c, s = jitter_factors(gen, 0.2)                       # parameters only
        dy, dx, hflip, vflip = sample_crop_flip(gen, pad=4, hflip=True, vflip=False)
    (eval: `img = resize_sample(img, out_size)`)
 2. per batch, vectorised, on CPU or GPU:
        x = crop_flip_batch(x, offsets, hflips, vflips, pad=4)   # (B, C, H, W), dtype kept
+       x = color_jitter_batch(x, factors)                       # float32 0..255
        x = normalize(x, mean, std, "standardize")              # float32
 """
 
@@ -65,15 +67,37 @@ def resize_sample(img: torch.Tensor, out_size: int) -> torch.Tensor:
     return TF.center_crop(img, [out_size, out_size])
 
 
-def jitter_colors(img: torch.Tensor, gen: torch.Generator, strength: float) -> torch.Tensor:
-    """Brightness, contrast, then saturation (3 channels only), factors uniform in 1 +- strength."""
+def jitter_factors(gen: torch.Generator, strength: float) -> tuple[float, float, float]:
+    """(brightness, contrast, saturation) factors, each uniform in [max(0, 1-s), 1+s]."""
     low, high = max(0.0, 1.0 - strength), 1.0 + strength
     brightness, contrast, saturation = (uniform(gen, low, high) for _ in range(3))
-    img = TF.adjust_brightness(img, brightness)
-    img = TF.adjust_contrast(img, contrast)
-    if img.shape[-3] == 3:
-        img = TF.adjust_saturation(img, saturation)
-    return img
+    return brightness, contrast, saturation
+
+
+GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as in torchvision's rgb_to_grayscale
+
+
+def color_jitter_batch(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, then saturation of every image, as one 3x3 colour matrix per image.
+
+    x: (B, C, H, W) uint8 or float in 0..255; factors: (B, 3) (brightness b, contrast c,
+    saturation s) from jitter_factors. Returns float32 0..255. torchvision's sequence
+    (x*b; blend with the mean gray level m; blend with the pixel's gray) is linear, so
+    y = c*b*(s*x + (1-s)*gray(x)) + (1-c)*b*mean(gray(x)), clamped once at the end (torchvision
+    clamps after each step: the two differ only where an intermediate value leaves 0..255).
+    One batched matrix product instead of three passes per image; 1-channel images skip the
+    saturation term (gray(x) = x).
+    """
+    B, C, H, W = x.shape
+    x = x.float()
+    b, c, s = factors.to(x.device, torch.float32).unbind(1)
+    gray = torch.tensor(GRAY if C == 3 else (1.0,), device=x.device)
+    mean_gray = x.mean((2, 3)) @ gray  # (B,)
+    eye = torch.eye(C, device=x.device)
+    matrix = (s * c * b)[:, None, None] * eye + ((1 - s) * c * b)[:, None, None] * gray
+    offset = ((1 - c) * b * mean_gray)[:, None, None].expand(B, C, 1)
+    y = torch.baddbmm(offset, matrix, x.reshape(B, C, H * W))
+    return y.view(B, C, H, W).clamp_(0, 255)
 
 
 def augment_sample(
@@ -83,14 +107,14 @@ def augment_sample(
     out_size: int,
     resized_crop: float,
     rotation: float,
-    color_jitter: float,
 ) -> torch.Tensor:
-    """uint8 (C, H, W) -> uint8 (C, out_size, out_size): resized crop or resize, rotate, jitter.
+    """uint8 (C, H, W) -> uint8 (C, out_size, out_size): resized crop or resize, then rotate.
 
     Args:
         resized_crop: min area scale of the random-resized crop (0 = plain resize_sample).
         rotation: max degrees; the angle is uniform in +-rotation (bilinear, fill 0).
-        color_jitter: strength s of brightness/contrast/saturation factors in [1-s, 1+s].
+    Colour jitter is not here: its factors are drawn next (jitter_factors) and applied per
+    batch on the training device (color_jitter_batch).
     """
     if resized_crop > 0:
         top, left, h, w = resized_crop_box(gen, img.shape[-2], img.shape[-1], resized_crop)
@@ -100,8 +124,6 @@ def augment_sample(
     if rotation > 0:
         angle = uniform(gen, -rotation, rotation)
         img = TF.rotate(img, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
-    if color_jitter > 0:
-        img = jitter_colors(img, gen, color_jitter)
     return img
 
 
@@ -144,6 +166,13 @@ def crop_flip_batch(
     B, C, H, W = x.shape
     if pad < 0 or pad >= min(H, W):
         raise ValueError(f"pad must be in [0, {min(H, W) - 1}] for {H}x{W} images, got {pad}")
+    if pad == 0:  # flips only (random-resized-crop recipes): no gather, untouched when none
+        hflips, vflips = hflips.to(x.device, torch.bool), vflips.to(x.device, torch.bool)
+        if hflips.any():
+            x = torch.where(hflips[:, None, None, None], x.flip(3), x)
+        if vflips.any():
+            x = torch.where(vflips[:, None, None, None], x.flip(2), x)
+        return x
     offsets = offsets.to(device=x.device, dtype=torch.long)
     rows = crop_flip_index(offsets[:, 0], vflips.to(x.device, torch.bool), H, pad)  # (B, H)
     cols = crop_flip_index(offsets[:, 1], hflips.to(x.device, torch.bool), W, pad)  # (B, W)
@@ -153,18 +182,23 @@ def crop_flip_batch(
 
 def normalize(
     x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor,
-    scaling: str,
+    scaling: str, channels_last: bool = False,
 ) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32: standardize (x/255 - mean)/std | unit x/255 | none."""
-    if scaling == "none":
-        return x.float()
-    if scaling == "unit":
-        return x.float() / 255.0
-    if scaling != "standardize":
+    """uint8 (or float 0..255) (B, C, H, W) -> float32: standardize (x/255 - mean)/std |
+    unit x/255 | none; one fused multiply-add written straight in the requested memory format."""
+    if scaling not in ("standardize", "unit", "none"):
         raise ValueError(f"unknown scaling {scaling!r}; choose from standardize, unit, none")
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    return (x.float() / 255.0 - mean) / std
+    C = x.shape[1]
+    if scaling == "standardize":
+        mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        scale, shift = 1.0 / (255.0 * std), -mean / std
+    else:
+        one = torch.ones(1, C, 1, 1, device=x.device)
+        scale, shift = one / 255.0 if scaling == "unit" else one, one * 0.0
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt)
+    return torch.addcmul(shift.expand(x.shape), x.float(), scale, out=out)
 
 
 def apply_policy(img: torch.Tensor, policy: str, gen: torch.Generator) -> torch.Tensor:
