@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from torchvision.transforms.v2 import functional as TF
 
-from shardtrain.data.transforms import (augment_sample, color_jitter_batch, crop_flip_batch,
+from shardtrain.data.transforms import (augment_sample, crop_flip_batch,
                                         jitter_factors, normalize, resize_sample,
                                         sample_crop_flip, sample_generator)
 
@@ -123,12 +123,18 @@ def test_color_jitter_batch_matches_torchvision_sequence(channels):
     # matrix and torchvision's step-by-step clamps agree exactly (up to float rounding)
     x = (rand_u8(6, channels, 9, 7) // 4 + 96).to(torch.uint8)
     factors = torch.tensor([jitter_factors(sample_generator(0, 0, i), 0.2) for i in range(6)])
-    out = color_jitter_batch(x, factors)
-    ref = torch.stack([sequential_jitter(img.float() / 255, *f.tolist()) * 255
+    ref = torch.stack([sequential_jitter(img.float() / 255, *f.tolist())
                        for img, f in zip(x, factors)])
-    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-3)
-    assert torch.allclose(color_jitter_batch(x, torch.ones(6, 3)), x.float())  # identity
-    saturated = color_jitter_batch(x, torch.tensor([[3.0, 1.0, 1.0]] * 6))
+    mean, std = torch.rand(channels) * 0.5, torch.rand(channels) + 0.5
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for chunk in (0, 4):
+            got = normalize(x.contiguous(memory_format=layout), mean, std, "standardize",
+                            jitter=factors, chunk=chunk)
+            want = (ref - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+            assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-4)
+    plain = normalize(x, 0, 1, "none", jitter=torch.ones(6, 3))
+    assert torch.allclose(plain, x.float(), atol=1e-4)  # factors 1: identity
+    saturated = normalize(x, 0, 1, "none", jitter=torch.tensor([[3.0, 1.0, 1.0]] * 6))
     assert saturated.max() == 255 and saturated.min() >= 0  # clamped once, at the end
 
 
@@ -151,6 +157,7 @@ def test_crop_flip_without_padding_is_flips_only(flags):
 
 def test_normalize_channels_last_output():
     x = rand_u8(2, 3, 5, 4)
-    out = normalize(x, [0.1, 0.2, 0.3], [0.5, 0.25, 2.0], "standardize", channels_last=True)
+    out = normalize(x, [0.1, 0.2, 0.3], [0.5, 0.25, 2.0], "standardize", channels_last=True,
+                    chunk=1)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, normalize(x, [0.1, 0.2, 0.3], [0.5, 0.25, 2.0], "standardize"))

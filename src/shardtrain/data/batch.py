@@ -18,6 +18,9 @@ import torch
 from shardtrain.data import transforms
 
 
+CPU_CHUNK = 8  # images per normalisation pass on CPU
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     mean: torch.Tensor  # (C,) in [0, 1] units
@@ -37,10 +40,11 @@ def prepare_batch(batch: dict, device: torch.device, opts: BatchOptions,
             x, batch["offsets"].to(device, non_blocking=True),
             batch["hflips"].to(device, non_blocking=True),
             batch["vflips"].to(device, non_blocking=True), opts.pad_crop)
-    if train and "jitter" in batch:  # colour jitter: one 3x3 colour matrix per image
-        x = transforms.color_jitter_batch(x, batch["jitter"].to(device, non_blocking=True))
+    jitter = batch["jitter"].to(device, non_blocking=True) if train and "jitter" in batch else None
+    # on CPU a few images per pass stay in cache; on a GPU one pass over the batch
+    chunk = CPU_CHUNK if device.type == "cpu" else 0
     x = transforms.normalize(x, opts.mean.to(device), opts.std.to(device), opts.scaling,
-                             channels_last=opts.channels_last)
+                             channels_last=opts.channels_last, jitter=jitter, chunk=chunk)
     size = batch.get("size", x.shape[-1])
     if train and size != x.shape[-1]:  # progressive resizing: this epoch trains at size px
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",

@@ -116,7 +116,11 @@ class Batches(Dataset):
         image = transforms.augment_sample(
             image, gen, out_size=o.image_size, resized_crop=o.resized_crop, rotation=o.rotation)
         jitter = transforms.jitter_factors(gen, o.color_jitter) if o.color_jitter > 0 else None
-        params = (*transforms.sample_crop_flip(gen, o.pad_crop, o.hflip, o.vflip), jitter)
+        dy, dx, hflip, vflip = transforms.sample_crop_flip(gen, o.pad_crop, o.hflip, o.vflip)
+        if not o.pad_crop and (hflip or vflip):  # no crop to gather on the device: flip here,
+            image = image.flip([d for d, f in ((-1, hflip), (-2, vflip)) if f])  # ~free per image
+            hflip = vflip = False
+        params = (dy, dx, hflip, vflip, jitter)
         # drawn after the crop/flip params: enabling these leaves the older stream unchanged
         image = transforms.apply_policy(image, o.policy, gen)
         return transforms.random_erase(image, gen, o.random_erasing), params

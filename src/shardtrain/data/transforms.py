@@ -8,8 +8,7 @@ Two stages, so results never depend on which loader worker ran:
    (eval: `img = resize_sample(img, out_size)`)
 2. per batch, vectorised, on CPU or GPU:
        x = crop_flip_batch(x, offsets, hflips, vflips, pad=4)   # (B, C, H, W), dtype kept
-       x = color_jitter_batch(x, factors)                       # float32 0..255
-       x = normalize(x, mean, std, "standardize")              # float32
+       x = normalize(x, mean, std, "standardize", jitter=factors)  # float32, jitter fused
 """
 
 from __future__ import annotations
@@ -77,27 +76,21 @@ def jitter_factors(gen: torch.Generator, strength: float) -> tuple[float, float,
 GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as in torchvision's rgb_to_grayscale
 
 
-def color_jitter_batch(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Brightness, contrast, then saturation of every image, as one 3x3 colour matrix per image.
+def jitter_matrix(channel_means: torch.Tensor, factors: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (B, C, C), t (B, C)) with jitter(x) = A x + t per pixel (0..255), before clamping.
 
-    x: (B, C, H, W) uint8 or float in 0..255; factors: (B, 3) (brightness b, contrast c,
-    saturation s) from jitter_factors. Returns float32 0..255. torchvision's sequence
-    (x*b; blend with the mean gray level m; blend with the pixel's gray) is linear, so
-    y = c*b*(s*x + (1-s)*gray(x)) + (1-c)*b*mean(gray(x)), clamped once at the end (torchvision
-    clamps after each step: the two differ only where an intermediate value leaves 0..255).
-    One batched matrix product instead of three passes per image; 1-channel images skip the
-    saturation term (gray(x) = x).
+    torchvision's brightness b -> contrast c -> saturation s is linear in the pixels:
+    y = c*b*(s*x + (1-s)*gray(x)) + (1-c)*b*mean(gray(x)); for 1 channel gray(x) = x (no
+    saturation). channel_means: (B, C) per-image means of x; factors: (B, 3) from jitter_factors.
     """
-    B, C, H, W = x.shape
-    x = x.float()
-    b, c, s = factors.to(x.device, torch.float32).unbind(1)
-    gray = torch.tensor(GRAY if C == 3 else (1.0,), device=x.device)
-    mean_gray = x.mean((2, 3)) @ gray  # (B,)
-    eye = torch.eye(C, device=x.device)
+    B, C = channel_means.shape
+    b, c, s = factors.to(channel_means.device, torch.float32).unbind(1)
+    gray = torch.tensor(GRAY if C == 3 else (1.0,), device=channel_means.device)
+    eye = torch.eye(C, device=channel_means.device)
     matrix = (s * c * b)[:, None, None] * eye + ((1 - s) * c * b)[:, None, None] * gray
-    offset = ((1 - c) * b * mean_gray)[:, None, None].expand(B, C, 1)
-    y = torch.baddbmm(offset, matrix, x.reshape(B, C, H * W))
-    return y.view(B, C, H, W).clamp_(0, 255)
+    offset = ((1 - c) * b * (channel_means @ gray))[:, None].expand(B, C)
+    return matrix, offset
 
 
 def augment_sample(
@@ -182,23 +175,43 @@ def crop_flip_batch(
 
 def normalize(
     x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor,
-    scaling: str, channels_last: bool = False,
+    scaling: str, channels_last: bool = False, jitter: torch.Tensor | None = None,
+    chunk: int = 0,
 ) -> torch.Tensor:
-    """uint8 (or float 0..255) (B, C, H, W) -> float32: standardize (x/255 - mean)/std |
-    unit x/255 | none; one fused multiply-add written straight in the requested memory format."""
+    """uint8 (B, C, H, W) -> float32: standardize (x/255 - mean)/std | unit x/255 | none (0..255).
+
+    jitter: (B, 3) colour-jitter factors (jitter_factors), applied first as one colour matrix
+    per image (jitter_matrix: one batched matrix product) and clamped once to 0..255
+    (torchvision clamps after each of its three steps: the two differ only where an
+    intermediate value leaves 0..255). The scaling is one fused multiply-add written straight
+    in the requested memory format. chunk: images per pass (0 = all at once; on CPU a few
+    images at a time stay in cache, ~2x faster than passes over a whole large batch).
+    """
     if scaling not in ("standardize", "unit", "none"):
         raise ValueError(f"unknown scaling {scaling!r}; choose from standardize, unit, none")
-    C = x.shape[1]
-    if scaling == "standardize":
-        mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        scale, shift = 1.0 / (255.0 * std), -mean / std
-    else:
-        one = torch.ones(1, C, 1, 1, device=x.device)
-        scale, shift = one / 255.0 if scaling == "unit" else one, one * 0.0
+    B, C, H, W = x.shape
+    scale, shift = _scaling(scaling, C, x.device, mean, std)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=fmt)
-    return torch.addcmul(shift.expand(x.shape), x.float(), scale, out=out)
+    step = chunk if chunk > 0 else max(B, 1)
+    for i in range(0, B, step):
+        part = x[i:i + step].float()
+        if jitter is not None:  # planar (B, C, H*W): the colour matrix is a small batched GEMM
+            matrix, offset = jitter_matrix(part.mean((2, 3)), jitter[i:i + step])
+            part = torch.baddbmm(offset[:, :, None], matrix, part.reshape(len(part), C, H * W))
+            part = part.clamp_(0.0, 255.0).view(-1, C, H, W)
+        torch.addcmul(shift, part, scale, out=out[i:i + step])
+    return out
+
+
+def _scaling(scaling: str, C: int, device, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, C, 1, 1), with output = x * scale + shift for x in 0..255."""
+    if scaling == "standardize":
+        mean = torch.as_tensor(mean, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+        std = torch.as_tensor(std, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+        return (1.0 / (255.0 * std)).expand(1, C, 1, 1), (-mean / std).expand(1, C, 1, 1)
+    one = torch.ones(1, C, 1, 1, device=device)
+    return (one / 255.0 if scaling == "unit" else one), one * 0.0
 
 
 def apply_policy(img: torch.Tensor, policy: str, gen: torch.Generator) -> torch.Tensor:
