@@ -76,8 +76,12 @@ def overhead_rows(r: dict) -> list[str]:
     return rows
 
 
-# the recipe each time-to-accuracy target is claimed for (other variants are listed, unbolded)
-T93_RECIPE, T94_RECIPE = "fashion-mnist-resnet9", "fashion-mnist-resnet9-long"
+def verdict(target: str, ok: bool | None, contended: bool = False) -> str:
+    """The target column: the target and whether this run met it."""
+    if ok is None:
+        return target
+    note = " (contended run)" if contended else ""
+    return f"{target}: {'met' if ok else '**not met**'}{note}"
 
 
 def tta_rows(r: dict) -> list[str]:
@@ -87,25 +91,63 @@ def tta_rows(r: dict) -> list[str]:
     t_base, end_base = base["time_to"]["0.93"], base["epochs"][-1]["time"]
     rows = []
     for name, v in r.items():
-        if name == "tutorial":
+        if name in ("tutorial", "best") or v.get("recipe") == "fashion-mnist-best":
             continue
         what = f"`{v['recipe']}` {' '.join(v.get('overrides', []))}".strip()
-        plain = not v.get("overrides")
         last = v["epochs"][-1]
         tta = " with flip TTA" if last["epoch"] == "final+tta" else ""
         final = f"final {last['test_acc']:.4f}{tta} at {last['time']:.0f} s"
-        ratio, best = v.get("ratio_t93_vs_tutorial"), v.get("best_acc_within_tutorial_time")
-        t93 = plain and v["recipe"] == T93_RECIPE
+        ratio = v.get("ratio_t93_vs_tutorial")
+        claimed = not v.get("overrides") and v["recipe"] == "fashion-mnist-resnet9"
+        ok = None if not claimed else (ratio is not None and ratio <= 0.2)
         rows.append(
             f"| time to 93% test acc, full FashionMNIST: {what} ({v['world_size']} proc) vs "
             f"tutorial recipe | {fmt_s(v['time_to']['0.93'])} ({final}) | {fmt_s(t_base)} "
             f"(final {base['final_test_acc']:.4f} at {end_base:.0f} s) | "
-            f"{f'**{ratio}**' if t93 else ratio} | {'≤ 0.5' if t93 else ''} |")
-        t94 = plain and v["recipe"] == T94_RECIPE
+            f"{f'**{ratio}**' if claimed else ratio} | "
+            f"{verdict('≤ 0.2', ok, v.get('contended', False)) if claimed else ''} |")
+    best = r.get("best")
+    if best:
+        n = len(best["final_test_acc"])
         rows.append(
-            f"| best test acc within the tutorial's time ({end_base:.0f} s): {what} | "
-            f"{f'**{best}**' if t94 else best} (94% {at(v['time_to']['0.94'])}) | "
-            f"{base['final_test_acc']:.4f} | | {'≥ 0.94' if t94 else ''} |")
+            f"| `fashion-mnist-best` test acc without TTA, full FashionMNIST, 2 proc, {n} seeds "
+            f"(mean ± std, range), within the tutorial's whole run ({end_base:.0f} s) | "
+            f"**{best['mean']:.4f}** ± {best['std']:.4f} ({best['min']:.4f}-{best['max']:.4f}), "
+            f"last run ended at {best['max_end_time']:.0f} s | tutorial: "
+            f"{base['final_test_acc']:.4f} at {end_base:.0f} s | | "
+            f"{verdict('≥ 0.945 within the time', best['met'], best['contended'])} |")
+    return rows
+
+
+def jpeg_rows(r: dict) -> list[str]:
+    p, w = r["photos"], r["workers"]
+    ips, rat = p["images_per_sec"], p["ratio_vs_imagefolder"]
+    what = (f"loader, {p['samples']:,} generated photographs (~500x375 JPEG q90) → "
+            f"RandomResizedCrop {r['size']} + flip + colour jitter, batch {r['batch']}, "
+            f"{w} workers")
+    rows = [f"| {what}: shard loader vs torchvision ImageFolder + PIL | {ips['shard']:,} img/s | "
+            f"{ips['imagefolder']:,} img/s | **{rat['shard']:.2f}x** | "
+            f"{verdict('≥ 2x', rat['shard'] >= 2.0)} |"]
+    if "timm" in ips:
+        q = p["ratio_shard_vs_timm"]
+        rows.append(f"| the same: shard loader vs timm `create_loader` | {ips['shard']:,} img/s | "
+                    f"{ips['timm']:,} img/s | **{q:.2f}x** | {verdict('≥ 1x', q >= 1.0)} |")
+    for k in ips:
+        if k.startswith("shard_max"):
+            rows.append(f"| the same, shards packed with `--max-size {k[9:]}` vs ImageFolder on "
+                        f"the full-size files | {ips[k]:,} img/s | {ips['imagefolder']:,} img/s "
+                        f"| {rat[k]:.2f}x | |")
+    mem = r.get("memory_mb")
+    if mem:
+        (a, ma), (b, mb) = sorted(mem.items(), key=lambda kv: int(kv[0].split("_")[0]))
+        for part, label in (("pack", "`shardtrain pack` (main + workers)"),
+                            ("loader", f"shard loader, 40 batches (main + {w} workers)")):
+            q = mb[part]["pss"] / ma[part]["pss"]
+            rows.append(f"| peak memory (PSS, RSS in brackets) of {label}: {b.split('_')[0]} vs "
+                        f"{a.split('_')[0]} JPEGs | {mb[part]['pss']:,.0f} MB "
+                        f"({mb[part]['rss']:,.0f}) | {ma[part]['pss']:,.0f} MB "
+                        f"({ma[part]['rss']:,.0f}) | {q:.2f}x | "
+                        f"{verdict('flat (≤ 1.1x)', q <= 1.1)} |")
     return rows
 
 
@@ -139,6 +181,7 @@ def main() -> None:
              "|---|---|---|---|---|"]
     for name, rows in (("loader", loader_rows), ("trainer_overhead", overhead_rows),
                        ("trainer_overhead-bf16", overhead_rows), ("time_to_accuracy", tta_rows),
+                       ("loader_jpeg", jpeg_rows),
                        ("pack", pack_rows), ("scaling", scaling_rows)):
         r = load(name, args.quick)
         if r is not None:

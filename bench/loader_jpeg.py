@@ -1,0 +1,210 @@
+"""The JPEG path of the transfer recipes: shard loader vs torchvision ImageFolder + PIL vs timm.
+
+Generated photographs (bench/photos.py: dead-leaves scenes, ~500x375, JPEG quality 90, ~75 KB),
+the same augmentation everywhere: RandomResizedCrop(SIZE, scale=(0.35, 1), ratio 3/4..4/3) +
+horizontal flip + colour jitter 0.2 (brightness, contrast, saturation), normalised float output;
+batch 64 (the transfer recipes'), the same number of workers:
+  - shard: shards packed from the same files (the JPEG bytes are stored unchanged), the real
+    make_train_loader + prepare_batch (workers: libjpeg-turbo decode + resized crop, uint8;
+    training device: flips, jitter as one colour matrix per image, normalise, channels_last);
+  - shard_max<N>: the same, packed with `shardtrain pack --max-size N`;
+  - imagefolder: torchvision ImageFolder, PIL decode, per-sample PIL RandomResizedCrop + flip +
+    ColorJitter + ToTensor + Normalize in the workers;
+  - timm: timm.data.create_loader (PIL decode, RRC + flip + jitter in the workers on uint8,
+    normalisation in its PrefetchLoader on the device, here the CPU).
+Steady-state images/s from the first batch on, variants interleaved A, B, C, ...; medians.
+Memory: peak PSS/RSS (process tree) of `shardtrain pack` and of the shard loader (a fixed number
+of batches) on 10k vs 100k JPEG thumbnails (160x120 photographs, copies of 1,000 made distinct
+by a JPEG comment so 100k need not be generated).
+
+    pip install -e '.[bench]'                          # timm, for the benchmark only
+    .venv/bin/python bench/loader_jpeg.py [--quick] [--size 224] [--workers 2]
+Writes bench/results/loader_jpeg.json (-quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from common import DATA, RESULTS, VENV_BIN, interleaved, machine, save_json
+from common import tree_memory_mb
+from loader import summarize, timed
+from photos import copies_with_comments, write_photo_folder
+from PIL import Image
+
+from shardtrain.data.batch import BatchOptions, prepare_batch
+from shardtrain.data.index import load_index, sample_table
+from shardtrain.data.loader import SampleOptions, make_train_loader
+from shardtrain.data.pack import write_shards
+from shardtrain.data.plan import TrainPlan
+
+BATCH = 64
+SCALE = 0.35
+JITTER = 0.2
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def packed(name: str, source: Path, **kw) -> Path:
+    out = DATA / name
+    if not (out / "index.json").exists():
+        write_shards(str(source), out, val_fraction=0.0, overwrite=True, progress=False, **kw)
+    return out
+
+
+def shard_loader(data: Path, size: int, workers: int, batches: int, scale: float = SCALE):
+    index = load_index(data)
+    table = sample_table(index, "train")
+    plan = TrainPlan(tuple(s["num_samples"] for s in index.split("train").shards), BATCH, 1, 0,
+                     1, 0, 4)
+    options = SampleOptions(channels=3, image_size=size, train=True, seed=0,
+                            resized_crop=scale, hflip=True, color_jitter=JITTER)
+    opts = BatchOptions(torch.tensor(MEAN), torch.tensor(STD), "standardize", 0,
+                        channels_last=True)
+    loader = make_train_loader(table, plan, options, start_micro=0, end_micro=batches + 1,
+                               workers=workers, prefetch=4, pin_memory=False)
+    return loader, lambda b: prepare_batch(b, torch.device("cpu"), opts, train=True)[0]
+
+
+def shard_rate(data: Path, size: int, workers: int, batches: int) -> float:
+    return timed(*shard_loader(data, size, workers, batches))
+
+
+def imagefolder_rate(root: Path, size: int, workers: int, batches: int) -> float:
+    import torchvision
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.RandomResizedCrop(size, scale=(SCALE, 1.0)), T.RandomHorizontalFlip(),
+                    T.ColorJitter(JITTER, JITTER, JITTER), T.ToTensor(), T.Normalize(MEAN, STD)])
+    ds = torchvision.datasets.ImageFolder(root / "train", transform=tf,
+                                          loader=lambda p: Image.open(p).convert("RGB"))
+    loader = torch.utils.data.DataLoader(ds, BATCH, shuffle=True, num_workers=workers,
+                                         prefetch_factor=4 if workers else None)
+    return timed(loader, lambda b: b[0], limit=batches + 1)
+
+
+def timm_rate(root: Path, size: int, workers: int, batches: int) -> float:
+    import torchvision
+    from timm.data import create_loader
+
+    ds = torchvision.datasets.ImageFolder(root / "train")
+    loader = create_loader(ds, input_size=(3, size, size), batch_size=BATCH, is_training=True,
+                           scale=(SCALE, 1.0), hflip=0.5, color_jitter=JITTER,
+                           interpolation="bilinear", mean=tuple(MEAN), std=tuple(STD),
+                           num_workers=workers, device=torch.device("cpu"),
+                           use_prefetcher=True, persistent_workers=False)
+    return timed(loader, lambda b: b[0], limit=batches + 1)
+
+
+# ---- memory ---------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak (RSS, PSS) in MB of a process tree, sampled every 50 ms while in the `with` block."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self.stop = pid, [0.0, 0.0], threading.Event()
+
+    def __enter__(self):
+        def sample():
+            while not self.stop.is_set():
+                rss, pss = tree_memory_mb(self.pid)
+                self.peak[:] = max(self.peak[0], rss), max(self.peak[1], pss)
+                time.sleep(0.05)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def result(self) -> dict:
+        return {"rss": round(self.peak[0], 1), "pss": round(self.peak[1], 1)}
+
+
+def pack_memory(source: Path, out: Path, workers: int) -> dict:
+    """`shardtrain pack` as users run it, in a subprocess: peak memory and wall time."""
+    cmd = [str(VENV_BIN / "python"), "-m", "shardtrain", "pack", str(source), str(out),
+           "--val-fraction", "0", "--workers", str(workers), "--overwrite"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ))
+    with PeakMemory(proc.pid) as peak:
+        if proc.wait() != 0:
+            raise SystemExit(f"pack failed: {' '.join(cmd)}")
+    return {**peak.result(), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def loader_memory(data: Path, size: int, workers: int, batches: int) -> dict:
+    with PeakMemory(os.getpid()) as peak:
+        loader, finish = shard_loader(data, size, workers, batches)
+        for batch in loader:
+            finish(batch)
+    return peak.result()
+
+
+def memory_section(quick: bool, workers: int) -> dict:
+    base = write_photo_folder(DATA / "thumbs-1000", n=1000, seed=1, scale=0.32)
+    counts = (2_000, 20_000) if quick else (10_000, 100_000)
+    out = {}
+    for n in counts:
+        files = copies_with_comments(base, DATA / f"thumbs-files-{n}", n)
+        shards = DATA / f"thumbs-shards-{n}"
+        pack = pack_memory(files, shards, workers)
+        load = loader_memory(shards, 112, workers, 40)
+        out[f"{n}_jpegs"] = {"pack": pack, "loader": load}
+        print(f"{n:>7} JPEGs: pack peak PSS {pack['pss']:.0f} MB (RSS {pack['rss']:.0f}) in "
+              f"{pack['seconds']:.0f} s; loader (40 batches) peak PSS {load['pss']:.0f} MB "
+              f"(RSS {load['rss']:.0f})", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--size", type=int, default=224, help="training crop side")
+    ap.add_argument("--max-size", type=int, default=320, help="the pack --max-size variant")
+    ap.add_argument("--no-memory", action="store_true")
+    args = ap.parse_args()
+    n_base, n_files = (200, 400) if args.quick else (1_000, 3_000)
+    rounds, batches = (1, 6) if args.quick else (3, 20)
+    w, size = args.workers, args.size
+    out = {"machine": machine(), "load1_start": os.getloadavg()[0], "batch": BATCH, "workers": w,
+           "size": size, "rrc_scale": SCALE, "jitter": JITTER, "rounds": rounds,
+           "batches_per_measurement": batches}
+    base = write_photo_folder(DATA / f"photos-{n_base}", n=n_base)
+    files = copies_with_comments(base, DATA / f"photos-files-{n_files}", n_files)
+    shards = packed(f"photos-shards-{n_files}", files)
+    small = packed(f"photos-shards-{n_files}-max{args.max_size}", files, max_size=args.max_size)
+    variants = {
+        "shard": lambda: shard_rate(shards, size, w, batches),
+        f"shard_max{args.max_size}": lambda: shard_rate(small, size, w, batches),
+        "imagefolder": lambda: imagefolder_rate(files, size, w, batches),
+    }
+    try:
+        import timm  # noqa: F401  (the bench extra)
+
+        variants["timm"] = lambda: timm_rate(files, size, w, batches)
+    except ImportError:
+        print("timm not installed (pip install -e '.[bench]'): timm's loader left out")
+    out["photos"] = summarize(interleaved(variants, rounds), "imagefolder", n_files)
+    if "timm" in variants:
+        ips = out["photos"]["images_per_sec"]
+        out["photos"]["ratio_shard_vs_timm"] = round(ips["shard"] / ips["timm"], 2)
+        print(f"shard / timm: {out['photos']['ratio_shard_vs_timm']:.2f}x")
+    out["load1_end"] = os.getloadavg()[0]
+    if not args.no_memory:
+        out["memory_mb"] = memory_section(args.quick, w)
+    suffix = "" if size == 224 else f"-{size}"
+    save_json(RESULTS / f"loader_jpeg{suffix}{'-quick' if args.quick else ''}.json", out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
