@@ -87,3 +87,25 @@ def test_progressive_sizes_resize_the_first_epochs_only(learnable_shards):
     assert [tuple(s) for s in sides] == want
     eval_batch = next(iter(loader))  # the same batch read for evaluation keeps its full size
     assert prepare_batch(eval_batch, torch.device("cpu"), opts, train=False)[0].shape[-1] == 16
+
+
+def test_without_pad_crop_the_workers_flip_and_the_device_does_not(learnable_shards):
+    from dataclasses import replace
+
+    from shardtrain.data.transforms import jitter_factors, sample_crop_flip, sample_generator
+
+    table, plan = setup(learnable_shards)
+    plain = replace(OPTIONS, pad_crop=0, hflip=False, rotation=0.0)
+    flipping = replace(plain, hflip=True)
+    a, b = (next(iter(make_train_loader(table, plan, o, start_micro=0, end_micro=1, workers=0,
+                                        prefetch=2, pin_memory=False))) for o in (plain, flipping))
+    assert not b["hflips"].any()  # nothing left for the device to flip
+    def flip_drawn(sample_id):  # the worker's draws: jitter factors, then crop/flip
+        gen = sample_generator(7, 0, sample_id)
+        jitter_factors(gen, OPTIONS.color_jitter)
+        return sample_crop_flip(gen, 0, True, False)[2]
+
+    wanted = [flip_drawn(i) for i in b["ids"].tolist()]
+    assert any(wanted) and not all(wanted)
+    for img_a, img_b, flip in zip(a["images"], b["images"], wanted):
+        assert torch.equal(img_b, img_a.flip(-1) if flip else img_a)
