@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from shardtrain import __version__
 from shardtrain.data.codec import encode_sample
+from shardtrain.data.loader import worker_context
 from shardtrain.data.shard_writer import SplitShardWriter
 from shardtrain.data.sources import Item, open_source
 from shardtrain.errors import UserError
@@ -96,7 +97,9 @@ def _encode_one(item: Item, channels: int, fmt: str, image_size: int, max_size: 
     px = arr.reshape(arr.shape[0], arr.shape[1], -1).astype(np.int64)
     sums = tuple(int(v) for v in px.sum(axis=(0, 1)))
     sqsums = tuple(int(v) for v in (px * px).sum(axis=(0, 1)))
-    digest = hashlib.sha256(Path(item.path).read_bytes()).hexdigest() if item.path else None
+    # duplicate detection key: label + sha256 of the file, one small bytes object per file
+    digest = (item.label.to_bytes(4, "little") + hashlib.sha256(Path(item.path).read_bytes())
+              .digest()) if item.path else None
     return ("ok", ext, data, item.label, arr.shape[:2], sums, sqsums, digest)
 
 
@@ -141,7 +144,7 @@ class _Packing:
     bar: tqdm
     src_root: str  # skipped paths are shown relative to it
     strict: bool  # fail on the first unusable input instead of skipping it
-    seen: dict = field(default_factory=dict)  # (label, sha256 of the file) -> first path
+    seen: dict = field(default_factory=dict)  # label + sha256 of the file (bytes) -> first path
 
 
 def _write_split(split: str, items: list[Item], writer: SplitShardWriter, encode,
@@ -159,12 +162,12 @@ def _write_split(split: str, items: list[Item], writer: SplitShardWriter, encode
                 _skip(skipped, src_root, item, split, res[1], strict)
                 continue
             _, ext, data, label, hw, sums, sqsums, digest = res
-            if digest is not None and (label, digest) in seen:
-                dup = os.path.relpath(seen[(label, digest)], src_root)
+            if digest is not None and digest in seen:
+                dup = os.path.relpath(seen[digest], src_root)
                 _skip(skipped, src_root, item, split, f"duplicate of {dup}", strict)
                 continue
             if digest is not None:
-                seen[(label, digest)] = item.path
+                seen[digest] = item.path
             writer.add(ext, data, label)
             stats.add(split, label, hw, sums, sqsums)
     writer.close()
@@ -271,7 +274,11 @@ def write_shards(
                unit="img", desc="pack")  # fmt: skip
     writers = {s: SplitShardWriter(out_dir, s, shard_size, compress) for s in splits}
     packing = _Packing(stats, skipped, bar, src.path, strict)
-    pool = multiprocessing.Pool(n_workers) if n_workers > 1 else None
+    # forkserver, not fork: forked workers would share the parent's list of every input file,
+    # and their garbage collector touching it copies those pages into each worker (memory
+    # growing with the dataset); a forkserver's workers start from a small clean process
+    pool = (multiprocessing.get_context(worker_context(n_workers)).Pool(n_workers)
+            if n_workers > 1 else None)
     try:
         for split, items in splits.items():
             _write_split(split, items, writers[split], encode, pool, packing)
