@@ -12,7 +12,9 @@ batch 64 (the transfer recipes'), the same number of workers:
     ColorJitter + ToTensor + Normalize in the workers;
   - timm: timm.data.create_loader (PIL decode, RRC + flip + jitter in the workers on uint8,
     normalisation in its PrefetchLoader on the device, here the CPU).
-Steady-state images/s from the first batch on, variants interleaved A, B, C, ...; medians.
+Steady-state images/s after the batches the workers had prefetched, variants interleaved A, B,
+C, ...; medians; and the CPU time of the whole process tree per image (what a contended machine
+distorts least).
 Memory: peak PSS/RSS (process tree) of `shardtrain pack` and of the shard loader (a fixed number
 of batches) on 10k vs 100k JPEG thumbnails (160x120 photographs, copies of 1,000 made distinct
 by a JPEG comment so 100k need not be generated).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -35,7 +38,7 @@ from pathlib import Path
 import torch
 from common import DATA, RESULTS, VENV_BIN, interleaved, machine, save_json
 from common import tree_memory_mb
-from loader import summarize, timed
+from loader import summarize
 from photos import copies_with_comments, write_photo_folder
 from PIL import Image
 
@@ -67,13 +70,20 @@ def shard_loader(data: Path, size: int, workers: int, batches: int, scale: float
                             resized_crop=scale, hflip=True, color_jitter=JITTER)
     opts = BatchOptions(torch.tensor(MEAN), torch.tensor(STD), "standardize", 0,
                         channels_last=True)
-    loader = make_train_loader(table, plan, options, start_micro=0, end_micro=batches + 1,
-                               workers=workers, prefetch=4, pin_memory=False)
+    # more batches than are read: the workers are still alive when the CPU time is taken
+    loader = make_train_loader(table, plan, options, start_micro=0,
+                               end_micro=warmup(workers) + batches + 16, workers=workers,
+                               prefetch=4, pin_memory=False)
     return loader, lambda b: prepare_batch(b, torch.device("cpu"), opts, train=True)[0]
 
 
-def shard_rate(data: Path, size: int, workers: int, batches: int) -> float:
-    return timed(*shard_loader(data, size, workers, batches))
+def shard_rate(data: Path, size: int, workers: int, batches: int, name: str = "shard") -> float:
+    return timed(*shard_loader(data, size, workers, batches), batches, warmup(workers), name)
+
+
+def warmup(workers: int) -> int:
+    """Batches in flight when the first one arrives (workers x prefetch 4): skipped."""
+    return max(1, workers * 4)
 
 
 def imagefolder_rate(root: Path, size: int, workers: int, batches: int) -> float:
@@ -86,7 +96,7 @@ def imagefolder_rate(root: Path, size: int, workers: int, batches: int) -> float
                                           loader=lambda p: Image.open(p).convert("RGB"))
     loader = torch.utils.data.DataLoader(ds, BATCH, shuffle=True, num_workers=workers,
                                          prefetch_factor=4 if workers else None)
-    return timed(loader, lambda b: b[0], limit=batches + 1)
+    return timed(loader, lambda b: b[0], batches, warmup(workers), "imagefolder")
 
 
 def timm_rate(root: Path, size: int, workers: int, batches: int) -> float:
@@ -99,7 +109,51 @@ def timm_rate(root: Path, size: int, workers: int, batches: int) -> float:
                            interpolation="bilinear", mean=tuple(MEAN), std=tuple(STD),
                            num_workers=workers, device=torch.device("cpu"),
                            use_prefetcher=True, persistent_workers=False)
-    return timed(loader, lambda b: b[0], limit=batches + 1)
+    return timed(loader, lambda b: b[0], batches, warmup(workers), "timm")
+
+
+CPU_MS: dict[str, list[float]] = {}  # variant -> CPU ms per image of each measurement
+
+
+def tree_cpu_seconds() -> dict[int, float]:
+    """pid -> user + system CPU seconds so far, for this process and all its descendants
+    (loader workers, also those started by a forkserver)."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two tree_cpu_seconds() snapshots by the processes alive at the
+    second (a process that exited in between, e.g. the previous loader's workers, is left out)."""
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+
+
+def timed(loader, finish, batches: int, warmup: int, name: str) -> float:
+    """Steady-state images/s over `batches` batches after `warmup` (batches the workers had
+    prefetched, produced before the clock could see them); also records the CPU time the
+    whole process tree spent per image (CPU_MS[name]): on a contended machine wall-clock
+    rates follow the scheduler, CPU per image much less."""
+    n, t0, c0 = 0, None, {}
+    for i, batch in enumerate(loader):
+        x = finish(batch)
+        if i == warmup:
+            t0, c0 = time.perf_counter(), tree_cpu_seconds()
+        elif i > warmup:
+            n += len(x)
+        if i >= warmup + batches:  # measure now: leaving the loop stops the workers
+            wall, cpu = time.perf_counter() - t0, cpu_between(c0, tree_cpu_seconds())
+            break
+    CPU_MS.setdefault(name, []).append(1e3 * cpu / n)
+    return n / wall
 
 
 # ---- memory ---------------------------------------------------------------------------------
@@ -144,7 +198,7 @@ def pack_memory(source: Path, out: Path, workers: int) -> dict:
 def loader_memory(data: Path, size: int, workers: int, batches: int) -> dict:
     with PeakMemory(os.getpid()) as peak:
         loader, finish = shard_loader(data, size, workers, batches)
-        for batch in loader:
+        for _, batch in zip(range(batches), loader):
             finish(batch)
     return peak.result()
 
@@ -173,6 +227,10 @@ def main() -> None:
     ap.add_argument("--max-size", type=int, default=320, help="the pack --max-size variant")
     ap.add_argument("--no-memory", action="store_true")
     args = ap.parse_args()
+    # 1 intra-op thread in the main process, as in each of the 2 training processes (torchrun /
+    # accelerate set OMP_NUM_THREADS=1): with 2 threads on 2 cores the batch ops spent more CPU in
+    # OpenMP spin-waits than they saved (measured: shard loader 8.3 vs 4.4 ms CPU per image)
+    torch.set_num_threads(1)
     n_base, n_files = (200, 400) if args.quick else (1_000, 3_000)
     rounds, batches = (1, 6) if args.quick else (3, 20)
     w, size = args.workers, args.size
@@ -185,7 +243,8 @@ def main() -> None:
     small = packed(f"photos-shards-{n_files}-max{args.max_size}", files, max_size=args.max_size)
     variants = {
         "shard": lambda: shard_rate(shards, size, w, batches),
-        f"shard_max{args.max_size}": lambda: shard_rate(small, size, w, batches),
+        f"shard_max{args.max_size}": lambda: shard_rate(small, size, w, batches,
+                                                        f"shard_max{args.max_size}"),
         "imagefolder": lambda: imagefolder_rate(files, size, w, batches),
     }
     try:
@@ -195,6 +254,11 @@ def main() -> None:
     except ImportError:
         print("timm not installed (pip install -e '.[bench]'): timm's loader left out")
     out["photos"] = summarize(interleaved(variants, rounds), "imagefolder", n_files)
+    cpu = {k: round(statistics.median(v), 2) for k, v in CPU_MS.items()}
+    out["photos"]["cpu_ms_per_image"] = cpu
+    out["photos"]["cpu_ratio_imagefolder_vs"] = {k: round(cpu["imagefolder"] / v, 2)
+                                                 for k, v in cpu.items() if k != "imagefolder"}
+    print(f"CPU ms per image (process tree): {cpu}")
     if "timm" in variants:
         ips = out["photos"]["images_per_sec"]
         out["photos"]["ratio_shard_vs_timm"] = round(ips["shard"] / ips["timm"], 2)
