@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 from shardtrain import __version__
 from shardtrain.data.codec import encode_sample
-from shardtrain.data.loader import worker_context
 from shardtrain.data.shard_writer import SplitShardWriter
 from shardtrain.data.sources import Item, open_source
 from shardtrain.errors import UserError
@@ -274,11 +273,7 @@ def write_shards(
                unit="img", desc="pack")  # fmt: skip
     writers = {s: SplitShardWriter(out_dir, s, shard_size, compress) for s in splits}
     packing = _Packing(stats, skipped, bar, src.path, strict)
-    # forkserver, not fork: forked workers would share the parent's list of every input file,
-    # and their garbage collector touching it copies those pages into each worker (memory
-    # growing with the dataset); a forkserver's workers start from a small clean process
-    pool = (multiprocessing.get_context(worker_context(n_workers)).Pool(n_workers)
-            if n_workers > 1 else None)
+    pool = multiprocessing.Pool(n_workers) if n_workers > 1 else None
     try:
         for split, items in splits.items():
             _write_split(split, items, writers[split], encode, pool, packing)
