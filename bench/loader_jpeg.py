@@ -20,13 +20,15 @@ of batches) on 10k vs 100k JPEG thumbnails (160x120 photographs, copies of 1,000
 by a JPEG comment so 100k need not be generated).
 
     pip install -e '.[bench]'                          # timm, for the benchmark only
-    .venv/bin/python bench/loader_jpeg.py [--quick] [--size 224] [--workers 2]
-Writes bench/results/loader_jpeg.json (-quick.json).
+    .venv/bin/python bench/loader_jpeg.py [--quick] [--size 224] [--workers 2] [--no-memory]
+Writes bench/results/loader_jpeg.json (-quick.json); with --no-memory the memory figures of the
+earlier run are kept (memory_from: its date).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -264,10 +266,15 @@ def main() -> None:
         out["photos"]["ratio_shard_vs_timm"] = round(ips["shard"] / ips["timm"], 2)
         print(f"shard / timm: {out['photos']['ratio_shard_vs_timm']:.2f}x")
     out["load1_end"] = os.getloadavg()[0]
+    suffix = "" if size == 224 else f"-{size}"
+    path = RESULTS / f"loader_jpeg{suffix}{'-quick' if args.quick else ''}.json"
     if not args.no_memory:
         out["memory_mb"] = memory_section(args.quick, w)
-    suffix = "" if size == 224 else f"-{size}"
-    save_json(RESULTS / f"loader_jpeg{suffix}{'-quick' if args.quick else ''}.json", out)
+    elif path.exists() and "memory_mb" in json.loads(path.read_text()):  # keep the earlier run's
+        earlier = json.loads(path.read_text())
+        out["memory_mb"] = earlier["memory_mb"]
+        out["memory_from"] = earlier.get("memory_from", earlier["machine"]["date"])
+    save_json(path, out)
 
 
 if __name__ == "__main__":

@@ -140,11 +140,12 @@ def jpeg_rows(r: dict) -> list[str]:
     mem = r.get("memory_mb")
     if mem:
         (a, ma), (b, mb) = sorted(mem.items(), key=lambda kv: int(kv[0].split("_")[0]))
+        when = f", run of {r['memory_from']}" if r.get("memory_from") else ""
         for part, label in (("pack", "`shardtrain pack` (main + workers)"),
                             ("loader", f"shard loader, 40 batches (main + {w} workers)")):
             q = mb[part]["pss"] / ma[part]["pss"]
             rows.append(f"| peak memory (PSS, RSS in brackets) of {label}: {b.split('_')[0]} vs "
-                        f"{a.split('_')[0]} JPEGs | {mb[part]['pss']:,.0f} MB "
+                        f"{a.split('_')[0]} JPEGs{when} | {mb[part]['pss']:,.0f} MB "
                         f"({mb[part]['rss']:,.0f}) | {ma[part]['pss']:,.0f} MB "
                         f"({ma[part]['rss']:,.0f}) | {q:.2f}x | "
                         f"{verdict('flat (≤ 1.1x)', q <= 1.1)} |")
