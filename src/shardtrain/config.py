@@ -94,10 +94,14 @@ class OptimConfig:
     momentum: float = 0.9  # sgd momentum
     nesterov: bool = True  # sgd
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
-    schedule: str = "onecycle"  # onecycle | cosine | constant
+    schedule: str = "onecycle"  # onecycle | cosine | constant | plateau (lr_plateau.py)
     warmup_frac: float = 0.25  # share of total_steps rising to max_lr
     div_factor: float = 25.0  # onecycle: initial lr = max_lr / div_factor
     final_div_factor: float = 1e4  # onecycle: final lr = initial lr / final_div_factor
+    plateau_factor: float = 0.5  # plateau: lr x this when val loss stops improving
+    plateau_patience: int = 0  # plateau: evaluations without improvement before a cut
+    plateau_threshold: float = 1e-3  # plateau: improvement = loss < best x (1 - threshold)
+    min_lr: float = 1e-5  # plateau: the lr is never cut below this (x the group's lr_mult)
     clip_value: float = 0.0  # clip each gradient element to +-clip_value (0 = off)
     clip_norm: float = 0.0  # clip the global gradient L2 norm (0 = off)
     label_smoothing: float = 0.0
@@ -147,7 +151,8 @@ class Config:
 
     def __post_init__(self):
         check_choice("optim.name", self.optim.name, ["adam", "adamw", "sgd"])
-        check_choice("optim.schedule", self.optim.schedule, ["onecycle", "cosine", "constant"])
+        check_choice("optim.schedule", self.optim.schedule,
+                     ["onecycle", "cosine", "constant", "plateau"])
         check_choice("train.precision", self.train.precision, ["no", "bf16", "fp16", "auto"])
         check_choice("data.scaling", self.data.scaling, ["standardize", "unit", "none"])
         check_choice("data.partition", self.data.partition, ["global", "node"])

@@ -214,6 +214,8 @@ class Loop:
                                           or state.step == self.total_steps):
             val = self.eval_split(self.data.val)
             state.last_val = val
+            if cfg.optim.schedule == "plateau":  # lr_plateau.PlateauLR steps at evaluations
+                self.scheduler.observe(val["loss"])
             self.reporter.log("epoch", state.step, {
                 "epoch": epoch, "val/loss": val["loss"], "val/acc": val["acc"],
                 "val/top5": val["top5"]})

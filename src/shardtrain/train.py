@@ -35,6 +35,7 @@ from shardtrain.data.remote import Retry
 from shardtrain.ema import make_ema, split_ema
 from shardtrain.errors import ExitCode, UserError
 from shardtrain.loop import Loop, State
+from shardtrain.lr_plateau import PlateauLR
 from shardtrain.models import create_model
 from shardtrain.optim import make_optimizer, make_scheduler, param_groups
 from shardtrain.tracking.report import Reporter
@@ -176,8 +177,11 @@ def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = Fa
     o = cfg.optim
     optimizer = make_optimizer(o.name, groups, o.max_lr, o.momentum, o.nesterov, tuple(o.betas))
     # not passed to prepare(): a prepared scheduler steps num_processes times per step
-    scheduler = make_scheduler(optimizer, o.max_lr, total_steps, o.schedule, o.warmup_frac,
-                               o.div_factor, o.final_div_factor)
+    if o.schedule == "plateau":
+        scheduler = make_plateau_scheduler(optimizer, o, has_val=data.val is not None)
+    else:
+        scheduler = make_scheduler(optimizer, o.max_lr, total_steps, o.schedule, o.warmup_frac,
+                                   o.div_factor, o.final_div_factor)
     state, ckpt = State(), find_resume(resume, out_dir)
     if ckpt:
         state = restore(ckpt, cfg, data, model, optimizer, scheduler, accelerator, allow_changes)
@@ -203,6 +207,15 @@ def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = Fa
         accelerator.end_training()
         raise SystemExit(ExitCode.PREEMPTED)
     return loop.finish(state)
+
+
+def make_plateau_scheduler(optimizer, o, has_val: bool) -> PlateauLR:
+    """optim.schedule=plateau: cut the lr when the validation loss stops improving."""
+    if not has_val:
+        raise UserError("optim.schedule=plateau steps on the validation loss: the data needs a "
+                        "val split (data.val_split)")
+    return PlateauLR(optimizer, o.max_lr, factor=o.plateau_factor, patience=o.plateau_patience,
+                     threshold=o.plateau_threshold, min_lr=o.min_lr)
 
 
 def resolve_total_steps(cfg: Config, plan: TrainPlan) -> int:

@@ -20,7 +20,8 @@ from shardtrain.data.batch import prepare_batch
 from shardtrain.config import OptimConfig
 from shardtrain.data.loader import eval_options, make_eval_loader
 from shardtrain.optim import lr_factor
-from shardtrain.tracking.plots import new_figure, plot_confusion, prediction_grid, save
+from shardtrain.tracking.plots import new_figure, plot_confusion, prediction_grid, save, series
+from shardtrain.tracking.report import read_metrics
 
 
 @torch.no_grad()
@@ -39,12 +40,17 @@ def sample_predictions(model: torch.nn.Module, table, data, device,
     return batch["images"], y.cpu().tolist(), pred.cpu().tolist()
 
 
-def plot_lr_schedule(optim: OptimConfig, total_steps: int, out_png: Path) -> Path:
-    """max_lr * optim.lr_factor(step) for every optimizer step of the run."""
+def plot_lr_schedule(optim: OptimConfig, total_steps: int, out_png: Path,
+                     records: list[dict] = ()) -> Path:
+    """max_lr * optim.lr_factor(step) for every optimizer step of the run; for
+    optim.schedule=plateau (it depends on the val losses) the lr logged in metrics.jsonl."""
     o = optim
-    steps = list(range(total_steps))
-    lrs = [o.max_lr * lr_factor(s, total_steps, o.schedule, o.warmup_frac, o.div_factor,
-                                o.final_div_factor) for s in steps]
+    if o.schedule == "plateau":
+        steps, lrs = series(list(records), "step", "step", "train/lr")
+    else:
+        steps = list(range(total_steps))
+        lrs = [o.max_lr * lr_factor(s, total_steps, o.schedule, o.warmup_frac, o.div_factor,
+                                    o.final_div_factor) for s in steps]
     fig, (ax,) = new_figure(6, 4)
     ax.plot(steps, lrs)
     ax.set(title=f"LR schedule ({o.schedule}, max_lr {o.max_lr:g})", xlabel="optimizer step",
@@ -72,6 +78,7 @@ def final_media(loop, total_steps: int, last_eval: dict) -> dict:
     if last_eval.get("confusion"):
         png = plot_confusion(last_eval["confusion"], classes, plots / "confusion.png")
         media["media/confusion_matrix"] = wandb.Image(str(png), caption="rows true, cols predicted")
-    png = plot_lr_schedule(cfg.optim, total_steps, plots / "lr_schedule.png")
+    png = plot_lr_schedule(cfg.optim, total_steps, plots / "lr_schedule.png",
+                           read_metrics(loop.out_dir / "metrics.jsonl"))
     media["media/lr_schedule"] = wandb.Image(str(png), caption="learning rate per optimizer step")
     return media
