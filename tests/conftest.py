@@ -88,3 +88,13 @@ def learnable_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_recipe() -> Path:
     return Path(__file__).parent / "recipes" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def wandb_data_dir(tmp_path_factory):
+    """wandb's staging copies of offline artifacts go to a temporary folder, not ~/.local/share
+    (subprocesses inherit the variable)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("WANDB_DATA_DIR", str(tmp_path_factory.mktemp("wandb-data")))
+    yield
+    patch.undo()

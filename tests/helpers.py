@@ -34,10 +34,10 @@ def shardtrain_env(nproc: int, env: dict | None = None) -> dict:
 
 
 def run_shardtrain(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None,
-                   check: bool = True) -> subprocess.CompletedProcess:
+                   check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     full_env = shardtrain_env(nproc, env)
     cmd = ["timeout", "-s", "KILL", str(timeout)] + launch_cmd(nproc) + [str(a) for a in args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=full_env)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}")
     return result

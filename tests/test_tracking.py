@@ -12,6 +12,7 @@ import stat
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from helpers import read_json, read_jsonl, run_shardtrain
 from shardtrain.data.index import index_hash, load_index
@@ -27,7 +28,8 @@ from wandb_offline import find_offline_runs, read_offline_runs_by_id
 
 pytest.importorskip("wandb")
 
-MEDIA = {"media/predictions", "media/confusion_matrix", "media/lr_schedule"}
+MEDIA = {"media/predictions", "media/confusion_matrix", "media/lr_schedule", "media/weights",
+         "media/prediction_table", "media/confusion_chart_table"}
 
 
 def train(data, out, recipe, *args, nproc=1):
@@ -45,7 +47,7 @@ def same(a, b) -> bool:
 def two_process_run(learnable_shards, tiny_recipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("track") / "run2"
     train(learnable_shards, out, tiny_recipe, "train.epochs=2", "log.wandb=true",
-          "log.tags=[t1,t2]", nproc=2)
+          "log.tags=[t1,t2]", "log.histograms=true", "log.predictions=24", nproc=2)
     return out
 
 
@@ -69,6 +71,7 @@ def test_two_process_run_is_one_wandb_run_matching_the_run_files(two_process_run
                 assert same(row[key], value), (record["step"], key)
     assert {"train/loss", "train/lr", "train/images_per_sec", "train/grad_norm"} <= set(rows[2])
     assert {"val/loss", "val/acc", "val/top5"} <= set(rows[12])
+    assert rows[12]["epoch"] == 1 and rows[2]["epoch"] == pytest.approx(2 / 12)
     # summary and config
     for key in ("best_val_acc", "test_acc", "test_top5", "train_seconds", "steps"):
         assert same(run.summary[key], final[key]), key
@@ -83,8 +86,70 @@ def test_two_process_run_is_one_wandb_run_matching_the_run_files(two_process_run
     media = {m["key"]: m for m in run.media}
     assert set(media) == MEDIA
     assert all(m["step"] == final["steps"] and os.path.isfile(m["path"]) for m in media.values())
-    for name in ("predictions.png", "confusion.png", "lr_schedule.png"):
+    for name in ("predictions.png", "confusion.png", "lr_schedule.png", "weights.png"):
         assert (out / "plots" / name).is_file()
+
+
+def test_two_process_run_logs_lineage_charts_tables_and_histograms(two_process_run,
+                                                                    learnable_shards):
+    out = two_process_run
+    final = read_json(out / "final.json")
+    run = read_offline_runs_by_id(out / "wandb", final["wandb_run_id"], wait_seconds=10)
+    # metric definitions: epoch is the x-axis of val/*, val/acc max, val/loss min
+    assert run.metrics["val/*"]["step_metric"] == "epoch"
+    assert run.metrics["val/acc"] == {"step_metric": "epoch", "summary": ["max"]}
+    assert run.metrics["val/loss"] == {"step_metric": "epoch", "summary": ["min"]}
+    val = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert run.summary["val/acc"] == {"max": max(r["val/acc"] for r in val)}
+    assert run.summary["val/loss"] == {"min": min(r["val/loss"] for r in val)}
+    # the dataset is the run's input: a reference per shard and sidecar, index.json uploaded
+    index = load_index(learnable_shards)
+    (dataset,) = [a for a in run.artifacts if a["type"] == "dataset"]
+    digest = index_hash(learnable_shards)
+    assert dataset["use_after_commit"] and dataset["name"] == index.name
+    assert dataset["aliases"] == [f"index-{digest[:12]}", "latest"]
+    assert dataset["metadata"]["index_hash"] == digest
+    shard_files = {s[k] for sp in index.splits.values() for s in sp.shards
+                   for k in ("file", "samples_file")}
+    assert set(dataset["files"]) == {"index.json"} | {f"shards/{f}" for f in shard_files}
+    for name in shard_files:
+        ref = dataset["files"][f"shards/{name}"]["ref"]
+        assert ref == (learnable_shards / name).resolve().as_uri()
+    staged = dataset["files"]["index.json"]["local_path"]
+    assert open(staged, "rb").read() == (learnable_shards / "index.json").read_bytes()
+    # the model: `latest` is model.safetensors, `best` the best-by-val weights
+    models = [a for a in run.artifacts if a["type"] == "model"]
+    assert all(a["name"] == final["wandb_model"] == f"model-{run.run_id}" for a in models)
+    by_alias = {alias: a for a in models for alias in a["aliases"]}
+    assert set(by_alias) == {"latest", "best"} and len(models) == (
+        1 if by_alias["latest"] is by_alias["best"] else 2)
+    for alias, weights in (("latest", out / "model.safetensors"),
+                           ("best", out / "checkpoints" / "best.safetensors")):
+        entry = by_alias[alias]["files"]["model.safetensors"]
+        assert open(entry["local_path"], "rb").read() == weights.read_bytes(), alias
+    meta = by_alias["latest"]["metadata"]
+    assert meta["test_acc"] == final["test_acc"] and meta["index_hash"] == digest
+    assert meta["classes"] == index.classes and meta["normalization"]["scaling"] == "standardize"
+    # predictions table (log.predictions rows) and the interactive confusion matrix
+    assert run.charts == {"media/confusion_chart": "wandb/confusion_matrix/v1"}
+    (table,) = [m["path"] for m in run.media if m["key"] == "media/prediction_table"]
+    rows = read_json(table)
+    assert rows["columns"] == ["sample", "image", "true", "predicted", "confidence", "correct"]
+    assert len(rows["data"]) == 24
+    assert all(r[5] == (r[2] == r[3]) and 0 < r[4] <= 1 for r in rows["data"])
+    (chart,) = [m["path"] for m in run.media if m["key"] == "media/confusion_chart_table"]
+    counts = {(a, p): n for a, p, n in read_json(chart)["data"]}
+    confusion = read_json(out / "eval.json")["test"]["confusion"]
+    assert sum(counts.values()) == final["test_samples"] == 40
+    assert all(counts[(index.classes[i], index.classes[j])] == confusion[i][j]
+               for i in range(4) for j in range(4))
+    # log.histograms: every parameter and its gradient at each epoch end (steps 12 and 24)
+    names = set(load_file(out / "model.safetensors")) - {
+        k for k in load_file(out / "model.safetensors") if "running" in k or "batches" in k}
+    for step in (12, 24):
+        row = next(r for r in run.history if r["_step"] == step)
+        hist = {k for k, v in row.items() if isinstance(v, dict) and v.get("_type") == "histogram"}
+        assert hist == {f"{kind}/{n}" for n in names for kind in ("parameters", "gradients")}
 
 
 def test_resumed_run_continues_the_same_wandb_run(learnable_shards, tiny_recipe, tmp_path,

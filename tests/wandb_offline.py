@@ -7,6 +7,7 @@ Python reader (`wandb.sdk.internal.datastore` is gone), so the ~30-line framing 
 
     run = read_offline_run("wandb/offline-run-20250101_120000-abc123")
     run.config["optim"]["max_lr"], run.history[-1]["_step"], run.summary["val/acc"]
+    run.artifacts[0]["aliases"], run.metrics["val/acc"]["summary"], run.charts["cm"]
 
 A resumed run (`wandb.init(id=..., resume="allow")` offline) starts another
 `offline-run-*-<id>` folder (suffix `-1`, `-2` if the second matches) with its own `.wandb` file;
@@ -52,6 +53,11 @@ class OfflineRun:
     start_time: float = 0.0  # seconds since the epoch
     paths: list[Path] = field(default_factory=list)  # offline-run folders read, in order
     exited: bool = False  # an exit record was written (the process called finish())
+    # logged artifacts, in order: {"name", "type", "aliases", "metadata", "use_after_commit",
+    # "files": {path: {"digest", "size", "local_path" (a staged copy) or "ref" (a reference)}}}
+    artifacts: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)  # define_metric: name or glob -> definition
+    charts: dict = field(default_factory=dict)  # custom charts: history key -> panel id
 
 
 def read_records(wandb_file: Path) -> list:
@@ -139,6 +145,9 @@ def read_offline_runs_by_id(root: Path, run_id: str, wait_seconds: float = 0.0) 
             merged.media = [m for m in merged.media if m["step"] < first]
         merged.history += seg.history
         merged.media += seg.media
+        merged.artifacts += seg.artifacts
+        merged.metrics.update(seg.metrics)
+        merged.charts.update(seg.charts)
         merged.config.update(seg.config)
         merged.summary.update(seg.summary)
         for name in ("project", "name", "group", "job_type"):
@@ -170,11 +179,32 @@ def apply_records(run: OfflineRun, records: list, folder: Path) -> None:
             row.setdefault("_step", rec.history.step.num)
             run.history.append(row)
             run.media += media_items(row, folder)
+        elif kind == "artifact":
+            run.artifacts.append(artifact_dict(rec.artifact))
+        elif kind == "metric":
+            m = rec.metric
+            run.metrics[m.name or m.glob_name] = {
+                "step_metric": m.step_metric,
+                "summary": sorted(f.name for f, v in m.summary.ListFields() if v is True)}
         elif kind == "exit":
             run.exited = True
+    wandb_keys = run.config.get("_wandb", {})
+    visualize = wandb_keys.get("value", wandb_keys).get("visualize", {})  # either form
+    run.charts = {key: v["panel_config"]["panelDefId"] for key, v in visualize.items()}
     run.config = {k: unwrap(v) for k, v in run.config.items() if k != "_wandb"}
     for key in ("_wandb", "_runtime"):
         run.summary.pop(key, None)
+
+
+def artifact_dict(a) -> dict:
+    files = {}
+    for entry in a.manifest.contents:
+        files[entry.path] = {"digest": entry.digest, "size": entry.size,
+                             **({"ref": entry.ref} if entry.ref else {}),
+                             **({"local_path": entry.local_path} if entry.local_path else {})}
+    return {"name": a.name, "type": a.type, "aliases": sorted(a.aliases),
+            "metadata": json.loads(a.metadata or "{}"), "use_after_commit": a.use_after_commit,
+            "files": files}
 
 
 def apply_updates(target: dict, updates, removes) -> None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -139,9 +139,10 @@ def run_train(args) -> None:
         return
     if cfg.data.path and not is_url(cfg.data.path) and not local_path(cfg.data.path).is_dir():
         raise UserError(f"data folder not found: {cfg.data.path}")
+    from shardtrain.tracking.wandb_run import default_run_dir
     from shardtrain.train import train
 
-    out = args.out or Path("runs") / f"{Path(cfg.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or default_run_dir(cfg.recipe)  # under `wandb agent`: runs/sweep-S/RUN_ID
     final = train(cfg, out, resume=args.resume, allow_changes=args.allow_changes)
     summary = f"test_acc={final['test_acc']:.4f} " if final.get("test_acc") is not None else ""
     val = f"val_acc={final['val_acc']:.4f} " if final.get("val_acc") is not None else ""
@@ -164,8 +165,12 @@ def run_models(args) -> None:
 
 
 # ---- eval, predict, export, show, lr-find -------------------------------------------------
+CHECKPOINT_HELP = ("model.safetensors, checkpoint or run dir, or a W&B model artifact "
+                   "wandb:ENTITY/PROJECT/NAME:ALIAS (online)")
+
+
 def add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="model.safetensors, checkpoint or run dir")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--out", type=Path, help="JSON file (default RUN/eval-SPLIT.json)")
@@ -174,10 +179,12 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 
 def run_eval(args) -> None:
     from shardtrain.tools.inference import eval_checkpoint
+    from shardtrain.tracking.artifacts import resolve_checkpoint
 
-    ckpt = Path(args.checkpoint)
+    checkpoint = resolve_checkpoint(args.checkpoint)  # wandb:ENTITY/PROJECT/NAME:ALIAS too
+    ckpt = Path(checkpoint)
     out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval-{args.split}.json"
-    r = eval_checkpoint(args.checkpoint, args.data, args.split, out, args.batch_size)
+    r = eval_checkpoint(checkpoint, args.data, args.split, out, args.batch_size)
     print_main(f"{args.split}: acc={r['acc']:.4f} top5={r['top5']:.4f} loss={r['loss']:.4f} "
                f"samples={r['samples']}")
     worst = sorted(r["per_class_acc"].items(), key=lambda kv: kv[1])[:3]
@@ -186,16 +193,17 @@ def run_eval(args) -> None:
 
 
 def add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="model.safetensors, checkpoint or run dir")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--topk", type=int, default=1)
     p.add_argument("images", nargs="+")
 
 
 def run_predict(args) -> None:
     from shardtrain.tools.inference import predict_images
+    from shardtrain.tracking.artifacts import resolve_checkpoint
 
     failed = 0
-    for r in predict_images(args.checkpoint, args.images, args.topk):
+    for r in predict_images(resolve_checkpoint(args.checkpoint), args.images, args.topk):
         if "error" in r:
             failed += 1
             print(f"{r['path']}: error: {r['error']}", file=sys.stderr)
@@ -206,15 +214,16 @@ def run_predict(args) -> None:
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="model.safetensors, checkpoint or run dir")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--out", type=Path, help="default CKPT_DIR/model.onnx or model.pt")
 
 
 def run_export(args) -> None:
     from shardtrain.tools.export import export_model
+    from shardtrain.tracking.artifacts import resolve_checkpoint
 
-    print(f"wrote {export_model(args.checkpoint, args.format, args.out)}")
+    print(f"wrote {export_model(resolve_checkpoint(args.checkpoint), args.format, args.out)}")
 
 
 def add_show(p: argparse.ArgumentParser) -> None:
@@ -355,12 +364,22 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
+OPTION_OVERRIDE = re.compile(r"--([A-Za-z_]\w*\.[A-Za-z_]\w*)=(.*)", re.DOTALL)
+
+
+def override_forms(argv: list[str]) -> list[str]:
+    """`--section.key=value` (what `wandb agent` passes for ${args}) -> `section.key=value`
+    (its ${args_no_hyphens}); argparse would read the former as an unknown option."""
+    return [f"{m[1]}={m[2]}" if (m := OPTION_OVERRIDE.fullmatch(a)) else a for a in argv]
+
+
 def parse(argv: list[str]) -> tuple[Command, argparse.Namespace]:
     """The command and its arguments; options and overrides may be intermixed (argparse's
     parse_intermixed_args), which a parser with subcommands cannot do, hence one parser each."""
     if not argv or argv[0].startswith("-") or argv[0] not in COMMANDS:
         top_parser().parse_args(argv[:1])  # prints help, or the usage error, and exits
-    return COMMANDS[argv[0]], command_parser(argv[0]).parse_intermixed_args(argv[1:])
+    args = override_forms(argv[1:])
+    return COMMANDS[argv[0]], command_parser(argv[0]).parse_intermixed_args(args)
 
 
 def main(argv: list[str] | None = None) -> None:

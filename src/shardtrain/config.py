@@ -137,6 +137,10 @@ class LogConfig:
     tags: list[str] = field(default_factory=list)
     job_type: str = "train"
     plots: bool = True  # plots/ PNGs at the end
+    artifacts: bool = True  # W&B: the dataset (by reference) in, the model artifact out
+    model_name: str = ""  # W&B model artifact name ("" = model-<run id>)
+    predictions: int = 100  # rows of the W&B predictions table (test split, else val; 0 = none)
+    histograms: bool = False  # W&B: per-layer parameter + gradient histograms at epoch ends
 
 
 @dataclass
@@ -183,7 +187,8 @@ RESUMABLE_CHANGES = ("data.path", "data.workers", "data.prefetch", "data.cache_d
                      "data.retry_delay", "train.epochs",
                      "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.log_every", "train.dist_timeout", "log.wandb", "log.name",
-                     "log.group", "log.tags", "log.plots")
+                     "log.group", "log.tags", "log.plots", "log.artifacts", "log.model_name",
+                     "log.predictions", "log.histograms")
 
 
 def list_recipes() -> list[str]:

@@ -89,6 +89,7 @@ class Loop:
         self.preemption = Preemption()
         self.eval_loaders: dict[int, torch.utils.data.DataLoader] = {}  # made once per split
         self.grad_norm: torch.Tensor | None = None  # measured on the steps that log it
+        self.gradient_histograms: dict | None = None  # log.histograms: the epoch's last step
         # the first optimizer step with a non-finite loss (-1: none yet), kept on the device
         self.first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
 
@@ -172,9 +173,13 @@ class Loop:
 
     def clip(self, state: State) -> None:
         o, params = self.cfg.optim, self.model.parameters()
+        next_step = state.step + 1
+        if self.cfg.log.histograms and (next_step % self.data.plan.steps_per_epoch == 0
+                                        or next_step == self.total_steps):  # an epoch's end
+            self.gradient_histograms = self.reporter.gradient_histograms(
+                self.accelerator.unwrap_model(self.model))  # rank 0, before clipping
         if o.clip_value:
             self.accelerator.clip_grad_value_(params, o.clip_value)
-        next_step = state.step + 1
         logging = next_step % self.cfg.train.log_every == 0 or next_step == self.total_steps
         if o.clip_norm or logging:  # clip_norm=inf only measures (multiplies by exactly 1)
             norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
@@ -226,6 +231,8 @@ class Loop:
                     save_weights(self.out_dir / "checkpoints" / "best.safetensors",
                                  self.eval_state(), self.meta)
         self.log_downloads(state, epoch)
+        self.reporter.log_histograms(state.step, self.accelerator.unwrap_model(self.model),
+                                     self.gradient_histograms)  # log.histograms, rank 0
         self.save(state)
         self.set_frozen(epoch)
         window.time, window.step = time.perf_counter(), state.step

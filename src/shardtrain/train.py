@@ -198,7 +198,7 @@ def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = Fa
     reporter = Reporter(accelerator, out_dir, total_steps, state.step)
     if accelerator.is_main_process:
         save_config(cfg, out_dir / "config.yaml")
-    reporter.start_wandb(cfg, run_config(cfg, data, accelerator), state.wandb_id)
+    state.wandb_id = reporter.start_wandb(cfg, run_config(cfg, data, accelerator), state.wandb_id)
     loop = Loop(cfg, accelerator, data, model, optimizer, scheduler, total_steps=total_steps,
                 reporter=reporter, meta=meta, out_dir=out_dir, ema=ema)
     preempted = loop.run(state)

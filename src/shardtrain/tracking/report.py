@@ -4,36 +4,25 @@ On the main process it prints, draws the progress bar, appends to RUN_DIR/metric
 W&B through accelerate's tracker, writes final.json and the plots. On every other rank each
 method does nothing (nanochat's DummyWandb idea), so train.py never asks "am I rank 0?".
 
-W&B mode: the environment decides (WANDB_MODE=online|offline|disabled). Without WANDB_MODE and
-without credentials the run is made offline rather than blocking on a login prompt; `wandb sync
-RUN_DIR/wandb/offline-run-*` uploads it later.
+W&B: the run's mode, init arguments and metric definitions are in wandb_run.py (online with
+credentials, else offline; under `wandb agent` the agent's run id is adopted), the dataset and
+model artifacts in artifacts.py, the per-layer histograms in histograms.py.
 """
 
 from __future__ import annotations
 
 import json
-import netrc
-import os
 import sys
-import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-
-def wandb_mode_from_env() -> str:
-    """'online' with credentials, else 'offline', unless WANDB_MODE says otherwise."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        rc = netrc.netrc()
-        if any(host.endswith("wandb.ai") for host in rc.hosts):
-            return "online"
-    except (OSError, netrc.NetrcParseError):
-        pass
-    return "offline"
+from shardtrain.tracking.wandb_run import (
+    define_metrics,
+    init_kwargs,
+    run_banner,
+    wandb_mode_from_env,
+)
 
 
 class Reporter:
@@ -53,26 +42,28 @@ class Reporter:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True, file=sys.stderr, disable=None)
 
-    def start_wandb(self, cfg, config: dict, run_id: str) -> None:
-        """One W&B run per job, created here on the main process; resumes by id."""
+    def start_wandb(self, cfg, config: dict, run_id: str) -> str:
+        """One W&B run per job, created here on the main process; resumes by id. Returns the id
+        the run really has (the agent's under `wandb agent`), to be stored in the loop State."""
         if not (self.active and cfg.log.wandb):
-            return
-        import wandb
-
+            return run_id
         mode = wandb_mode_from_env()
         if mode == "disabled":
-            return
-        kwargs = {
-            "id": run_id, "resume": "allow", "dir": str(self.run_dir), "mode": mode,
-            "name": cfg.log.name or f"{Path(cfg.recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}",
-            "group": cfg.log.group or Path(cfg.recipe).stem, "tags": cfg.log.tags,
-            "job_type": cfg.log.job_type, "entity": cfg.log.entity or None,
-            "settings": wandb.Settings(init_timeout=10, silent=True),
-        }
-        self.accelerator.init_trackers(cfg.log.project, config=config,
-                                       init_kwargs={"wandb": kwargs})
-        self.wandb_on = True
-        self.print(f"W&B run {run_id} ({mode}) in {self.run_dir / 'wandb'}")
+            return run_id
+        self.accelerator.init_trackers(cfg.log.project, config=config, init_kwargs={
+            "wandb": init_kwargs(cfg, run_id, self.run_dir, mode)})
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        self.wandb_on, self.cfg, self.index_hash = True, cfg, config.get("index_hash", "")
+        define_metrics(run)
+        if cfg.log.artifacts and cfg.data.path:
+            from shardtrain.tracking.artifacts import use_dataset
+
+            use_dataset(run, cfg.data.path)
+        if run.id != run_id:
+            self.print(f"W&B run id {run.id} (assigned by W&B, e.g. `wandb agent`) replaces "
+                       f"{run_id} in this run's checkpoints and final.json")
+        self.print(run_banner(run, self.run_dir))
+        return run.id
 
     def print(self, message: str) -> None:
         if self.active:
@@ -86,7 +77,7 @@ class Reporter:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_on:
-            self.accelerator.log({k: v for k, v in metrics.items() if k != "epoch"}, step=step)
+            self.accelerator.log(metrics, step=step)  # epoch: the x-axis of val/* charts
         if kind == "step" and self.bar is not None:
             self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
                                  lr=f"{metrics['train/lr']:.2e}")
@@ -103,16 +94,52 @@ class Reporter:
         if self.active and self.wandb_on:
             self.accelerator.get_tracker("wandb", unwrap=True).log(images, step=step)
 
+    def wants_histograms(self) -> bool:
+        return self.active and self.wandb_on and self.cfg.log.histograms
+
+    def gradient_histograms(self, model) -> dict | None:
+        """Per-layer gradient histograms now (call between backward and the optimizer step)."""
+        if not self.wants_histograms():
+            return None
+        from shardtrain.tracking.histograms import layer_histograms
+
+        return layer_histograms(model, grads=True)
+
+    def log_histograms(self, step: int, model, gradients: dict | None) -> None:
+        """Per-layer parameter histograms (+ the given gradient ones) at `step` (log.histograms)."""
+        if not self.wants_histograms():
+            return
+        import wandb
+
+        from shardtrain.tracking.histograms import layer_histograms
+
+        counts = {**layer_histograms(model), **(gradients or {})}
+        self.log_media(step, {k: wandb.Histogram(np_histogram=v) for k, v in counts.items()})
+
     def finish(self, final: dict) -> None:
-        """final.json, W&B summary, plots; closes the bar and the W&B run."""
+        """final.json, W&B summary and model artifact (model.safetensors must be written)."""
         if not self.active:
             return
         if self.bar is not None:
             self.bar.close()
-        (self.run_dir / "final.json").write_text(json.dumps(final, indent=1) + "\n")
         if self.wandb_on:
             run = self.accelerator.get_tracker("wandb", unwrap=True)
+            if self.cfg.log.artifacts:
+                final["wandb_model"] = self.log_model(run, final)
             run.summary.update({k: v for k, v in final.items() if not isinstance(v, (list, dict))})
+            if not run.offline:
+                self.print(run_banner(run, self.run_dir))
+        (self.run_dir / "final.json").write_text(json.dumps(final, indent=1) + "\n")
+
+    def log_model(self, run, final: dict) -> str | None:
+        """The model artifact (artifacts.log_model); a failure is a warning, not a lost run."""
+        from shardtrain.tracking.artifacts import log_model
+
+        try:
+            return log_model(run, self.cfg, self.run_dir, final, self.index_hash)
+        except Exception as e:  # wandb errors of any kind: final.json must still be written
+            self.print(f"warning: W&B model artifact not logged: {type(e).__name__}: {e}")
+            return None
 
     def close(self) -> None:
         if self.active and self.bar is not None:
@@ -156,13 +183,19 @@ def final_metrics(state, val: dict, test: dict, world_size: int, out_dir: Path,
 
 
 def write_eval_files(out_dir: Path, val: dict, test: dict, classes: list, plots: bool) -> None:
-    """eval.json (metrics + confusion matrices); with plots on, the curves and confusion PNGs."""
+    """eval.json (metrics + confusion matrices); with plots on, the curves, confusion and
+    per-layer weights (of model.safetensors) PNGs."""
     (out_dir / "eval.json").write_text(json.dumps({"val": val, "test": test}, indent=1))
     if not plots:
         return
+    from safetensors.torch import load_file
+
+    from shardtrain.tracking.histograms import plot_weight_distributions
     from shardtrain.tracking.plots import plot_confusion, plot_curves
 
     plot_curves(read_metrics(out_dir / "metrics.jsonl"), out_dir / "plots")
+    plot_weight_distributions({out_dir.name: load_file(out_dir / "model.safetensors")},
+                              out_dir / "plots" / "weights.png")
     last = test or val
     if last:
         plot_confusion(last["confusion"], classes, out_dir / "plots" / "confusion.png")
