@@ -53,3 +53,15 @@ def test_compare_rejects_non_run_folder(tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(UserError, match="not a finished run folder.*final.json"):
         compare_runs([a, tmp_path / "junk"], None)
+
+
+def test_sweeps_show_unfinished_runs_with_their_curves(tmp_path):
+    a = write_run(tmp_path / "lr-0.01", 0.01, [0.80, 0.85], 0.9, "/d")
+    b = write_run(tmp_path / "lr-10", 10.0, [0.10], 0.1, "/d")
+    (b / "final.json").unlink()  # e.g. stopped by a non-finite loss after epoch 1
+    with pytest.raises(UserError, match="final.json"):
+        compare_runs([a, b])
+    table = compare_runs([a, b], tmp_path / "cmp.png", "sweep lr", unfinished=True)
+    rows = table.splitlines()[2:]
+    assert rows[1].split() == ["lr-10", "(unfinished)", "10", "1", "-", "-", "-", "-", "-"]
+    assert (tmp_path / "cmp.png").is_file()

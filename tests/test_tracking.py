@@ -183,6 +183,7 @@ def test_two_point_sweep_trains_both_and_compares(learnable_shards, tiny_recipe,
     assert [d.name for d in dirs] == ["point-00-max_lr-0.005", "point-01-max_lr-0.02"]
     table = (out / "compare.txt").read_text()
     assert table in result.stdout and (out / "compare.png").is_file()
+    assert (out / "weights.png").is_file()
     assert all(d.name in table for d in dirs) and "optim.max_lr" in table
     for d in dirs:
         cfg = yaml.safe_load((d / "config.yaml").read_text())
@@ -214,6 +215,15 @@ def test_grid_parsing_and_points():
     assert points == [["a.x=1", "b.y=u"], ["a.x=1", "b.y=v"], ["a.x=2", "b.y=u"],
                       ["a.x=2", "b.y=v"]]
     assert point_name(3, points[3]) == "point-03-x-2-y-v"
+    assert point_name(0, ["model.hidden=[]"]) == "point-00-hidden-none"
+    assert point_name(1, ["model.hidden=[256,128]", "optim.max_lr=0.01"]) == (
+        "point-01-hidden-256_128-max_lr-0.01")
+
+
+def test_the_tutorial_studies_are_shipped():
+    assert {"batch-size", "batchnorm", "depth", "dropout", "input-scaling", "learning-rate",
+            "learning-rate-scaling", "lr-annealing", "optimizer", "regularization",
+            "small-inputs"} <= set(list_sweeps())
 
 
 @pytest.mark.parametrize("name", list_sweeps())

@@ -15,27 +15,31 @@ import yaml
 
 from shardtrain._typed import flatten, load_yaml
 from shardtrain.errors import UserError
-from shardtrain.tracking.plots import new_figure, save, series
+from shardtrain.tracking.plots import new_figure, series
 
 IGNORED_KEYS = ("data.path", "log.name")  # differ between any two runs, say nothing
 METRICS = ("best_val_acc", "val_acc", "test_acc", "steps", "train_seconds")
 
 
-def load_run(run_dir: Path) -> dict:
-    """A run folder -> {"name", "config" (flat, dotted keys), "records", "final"}."""
+def load_run(run_dir: Path, unfinished: bool = False) -> dict:
+    """A run folder -> {"name", "config" (flat, dotted keys), "records", "final"}.
+
+    unfinished=True also takes a run without final.json (final = {}, name marked "unfinished")."""
     run_dir = Path(run_dir)
-    names = ("config.yaml", "metrics.jsonl", "final.json")
+    names = ("config.yaml", "metrics.jsonl") + (() if unfinished else ("final.json",))
     missing = [f for f in names if not (run_dir / f).is_file()]
     if missing:
         raise UserError(f"{run_dir} is not a finished run folder (missing {', '.join(missing)})")
+    done = (run_dir / "final.json").is_file()
     try:
         config = load_yaml((run_dir / "config.yaml").read_text()) or {}
-        final = json.loads((run_dir / "final.json").read_text())
+        final = json.loads((run_dir / "final.json").read_text()) if done else {}
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines if line.strip()]
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise UserError(f"{run_dir}: unreadable run file: {e}".splitlines()[0]) from None
-    return {"name": run_dir.name, "config": flatten(config), "records": records, "final": final}
+    name = run_dir.name if done else f"{run_dir.name} (unfinished)"
+    return {"name": name, "config": flatten(config), "records": records, "final": final}
 
 
 def differing_keys(configs: list[dict]) -> list[str]:
@@ -57,30 +61,40 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def compare_runs(run_dirs: list[Path], out_png: Path | None = None) -> str:
-    """Fixed-width table (differing config keys + final metrics) and optional val-curve PNG."""
+def compare_runs(run_dirs: list[Path], out_png: Path | None = None, title: str = "",
+                 unfinished: bool = False) -> str:
+    """Fixed-width table (differing config keys + final metrics) and optional val-curve PNG.
+    unfinished=True (sweeps) also shows runs that stopped early (see load_run)."""
     if not run_dirs:
         raise UserError("compare needs at least one run folder")
-    runs = [load_run(d) for d in run_dirs]
+    runs = [load_run(d, unfinished) for d in run_dirs]
     keys = differing_keys([r["config"] for r in runs])
     header = ["run", *keys, *METRICS]
     rows = [[r["name"], *(format_value(r["config"].get(k)) for k in keys),
              *(format_value(r["final"].get(m)) for m in METRICS)] for r in runs]
     if out_png is not None:
-        plot_runs(runs, out_png)
+        plot_runs(runs, out_png, title)
     return format_table(header, rows)
 
 
-def plot_runs(runs: list[dict], out_png: Path) -> Path:
-    """Two panels, val acc and val loss vs epoch, one line per run."""
-    fig, (acc_ax, loss_ax) = new_figure(11, 4, cols=2)
+def plot_runs(runs: list[dict], out_png: Path, title: str = "") -> Path:
+    """Two panels, val acc and val loss vs epoch, one line per run (legend below both)."""
+    legend_rows = -(-len(runs) // 2)
+    height = 4.0 + 0.2 * legend_rows + 0.3  # inches: panels + legend (2 columns) + margin
+    fig, (acc_ax, loss_ax) = new_figure(11, height, cols=2)
     for run in runs:
         for ax, key in ((acc_ax, "val/acc"), (loss_ax, "val/loss")):
             ax.plot(*series(run["records"], "epoch", "epoch", key), marker="x", label=run["name"])
     acc_ax.set(title="Validation accuracy", xlabel="epoch", ylabel="accuracy")
     loss_ax.set(title="Validation loss", xlabel="epoch", ylabel="loss")
-    acc_ax.legend()
-    return save(fig, out_png)
+    if title:
+        fig.suptitle(title)
+    fig.legend(*acc_ax.get_legend_handles_labels(), loc="lower center", ncols=2, fontsize=8)
+    fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.3) / height, 1, 1))
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    return out_png
 
 
 def compare_wandb(entity_project: str, group: str | None = None) -> str:

@@ -7,7 +7,9 @@
 
 Sequentially (the default) point i trains in a subprocess into SWEEP_DIR/point-XX-<desc> with
 `--resume auto` (an interrupted sweep run again picks up where it stopped; finished points are
-skipped), then SWEEP_DIR/compare.txt and compare.png are written and the table printed.
+skipped), then SWEEP_DIR/compare.txt, compare.png (val accuracy and loss per epoch, one line per
+point; a failed point shows its epochs up to the failure) and weights.png (each point's weights
+per layer) are written and the table printed.
 With --slurm the override lines go to SWEEP_DIR/grid.txt and `sbatch --array=0-(n-1)
 slurm/sweep.sbatch` trains point i into SWEEP_DIR/point-i; compare with
 `shardtrain compare SWEEP_DIR/point-*` when the array is done.
@@ -35,9 +37,12 @@ from pathlib import Path
 
 import yaml
 
-from shardtrain.tracking.compare import compare_runs
+from safetensors.torch import load_file
+
 from shardtrain._typed import load_yaml
 from shardtrain.errors import UserError
+from shardtrain.tracking.compare import compare_runs
+from shardtrain.tracking.histograms import plot_weight_distributions
 
 
 @dataclass
@@ -108,9 +113,15 @@ def grid_points(grid: dict[str, list[str]]) -> list[list[str]]:
 
 
 def point_name(i: int, point: list[str]) -> str:
-    """point-03-max_lr-0.01-name-sgd (keys without their section, filesystem-safe)."""
-    desc = "-".join(f"{o.split('=')[0].split('.')[-1]}-{o.split('=', 1)[1]}" for o in point)
-    return f"point-{i:02d}-" + re.sub(r"[^A-Za-z0-9._-]+", "", desc)[:60]
+    """point-03-max_lr-0.01-name-sgd (keys without their section, filesystem-safe); a list value
+    [256,128] reads 256_128, an empty one none."""
+    parts = []
+    for override in point:
+        key, value = override.split("=", 1)
+        if value.startswith("["):
+            value = value.strip("[]").replace(",", "_") or "none"
+        parts.append(f"{key.split('.')[-1]}-{value}")
+    return f"point-{i:02d}-" + re.sub(r"[^A-Za-z0-9._-]+", "", "-".join(parts))[:60]
 
 
 def safe_name(name: str) -> str:
@@ -160,15 +171,25 @@ def run_sweep(sweep: Sweep, data: str, out: Path | None, extra: list[str],
                    "--data", str(data), "--out", str(run_dir), "--resume", "auto",
                    *point_overrides(sweep, point, run_dir.name, extra)]
             if subprocess.run(cmd).returncode != 0:
-                failed.append(run_dir.name)
-                continue
+                failed.append(run_dir)
         dirs.append(run_dir)
-    if not dirs:
-        raise UserError(f"sweep {sweep.name}: every point failed ({', '.join(failed)})")
-    table = compare_runs(dirs, out / "compare.png")
+    finished = [d for d in dirs if d not in failed]
+    if not finished:
+        raise UserError(f"sweep {sweep.name}: every point failed "
+                        f"({', '.join(d.name for d in failed)})")
+    # a failed point (e.g. a diverged lr) keeps its curves up to the failure in the comparison
+    shown = [d for d in dirs if d in finished or is_run_started(d)]
+    table = compare_runs(shown, out / "compare.png", f"sweep {sweep.name}", unfinished=True)
     (out / "compare.txt").write_text(table + "\n")
-    note = f"\nFAILED: {', '.join(failed)}" if failed else ""
-    return f"{table}\nwrote {out / 'compare.txt'} and {out / 'compare.png'}{note}"
+    plot_weight_distributions(
+        {d.name: load_file(d / "model.safetensors") for d in finished}, out / "weights.png")
+    note = f"\nFAILED: {', '.join(d.name for d in failed)}" if failed else ""
+    return (f"{table}\nwrote {out / 'compare.txt'}, {out / 'compare.png'} (val accuracy and loss "
+            f"per epoch) and {out / 'weights.png'} (weights per layer){note}")
+
+
+def is_run_started(run_dir: Path) -> bool:
+    return (run_dir / "config.yaml").is_file() and (run_dir / "metrics.jsonl").is_file()
 
 
 def sbatch_script() -> Path:
