@@ -9,11 +9,15 @@ from __future__ import annotations
 import math
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
+from fake_wandb_server import FakeWandbServer
 from helpers import read_json, read_jsonl, run_shardtrain
 from shardtrain.data.index import index_hash, load_index
 from shardtrain.tracking.sweep import (
@@ -168,6 +172,24 @@ def test_resumed_run_continues_the_same_wandb_run(learnable_shards, tiny_recipe,
     assert steps == sorted(set(steps)) and steps[0] == 2 and steps[-1] == 24
     assert 12 in steps and 14 in steps
     assert run.summary["steps"] == 24 and run.config["train"]["epochs"] == 2
+    # `wandb sync` (wandb >= 0.28.1, pyproject's floor) uploads the segments one after the other
+    # in start order, whatever order they are given in, and appends the second to the first
+    with FakeWandbServer() as server:
+        home = tmp_path / "home"
+        home.mkdir()
+        sync = subprocess.run([Path(sys.executable).with_name("wandb"), "sync", *folders[::-1]],
+                              env={**os.environ, **server.env(home)}, capture_output=True,
+                              text=True, timeout=180)
+    assert sync.returncode == 0, sync.stderr[-2000:]
+    assert server.unknown == []
+    assert [r["_step"] for r in server.history(first["wandb_run_id"])] == steps
+    index_name = load_index(learnable_shards).name
+    assert server.used == [index_name, index_name]  # the dataset, once per segment
+    def versions(artifacts):
+        return sorted((a["name"], a["type"], a["aliases"]) for a in artifacts)
+
+    assert versions(server.artifacts) == versions(run.artifacts)  # every one, uploaded
+    assert all(a["committed"] for a in server.artifacts)
     # a `compare` of two real runs: both rows, and the PNG
     png = tmp_path / "cmp.png"
     result = run_shardtrain(["compare", two_process_run, out, "--png", png])
