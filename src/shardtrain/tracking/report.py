@@ -56,9 +56,7 @@ class Reporter:
         self.wandb_on, self.cfg, self.index_hash = True, cfg, config.get("index_hash", "")
         define_metrics(run)
         if cfg.log.artifacts and cfg.data.path:
-            from shardtrain.tracking.artifacts import use_dataset
-
-            use_dataset(run, cfg.data.path)
+            self.use_dataset(run, cfg.data.path)
         if run.id != run_id:
             self.print(f"W&B run id {run.id} (assigned by W&B, e.g. `wandb agent`) replaces "
                        f"{run_id} in this run's checkpoints and final.json")
@@ -130,6 +128,16 @@ class Reporter:
             if not run.offline:
                 self.print(run_banner(run, self.run_dir))
         (self.run_dir / "final.json").write_text(json.dumps(final, indent=1) + "\n")
+
+    def use_dataset(self, run, data_path: str) -> None:
+        """The dataset artifact as the run's input (artifacts.use_dataset); a failure (say, the
+        server unreachable while uploading index.json) is a warning, training goes on."""
+        from shardtrain.tracking.artifacts import use_dataset
+
+        try:
+            use_dataset(run, data_path)
+        except Exception as e:
+            self.print(f"warning: W&B dataset artifact not logged: {type(e).__name__}: {e}")
 
     def log_model(self, run, final: dict) -> str | None:
         """The model artifact (artifacts.log_model); a failure is a warning, not a lost run."""
