@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import yaml
+from matplotlib.ticker import MaxNLocator
 
 from shardtrain._typed import flatten, load_yaml
 from shardtrain.errors import UserError
@@ -87,6 +88,8 @@ def plot_runs(runs: list[dict], out_png: Path, title: str = "") -> Path:
             ax.plot(*series(run["records"], "epoch", "epoch", key), marker="x", label=run["name"])
     acc_ax.set(title="Validation accuracy", xlabel="epoch", ylabel="accuracy")
     loss_ax.set(title="Validation loss", xlabel="epoch", ylabel="loss")
+    for ax in (acc_ax, loss_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.legend(*acc_ax.get_legend_handles_labels(), loc="lower center", ncols=2, fontsize=8)
