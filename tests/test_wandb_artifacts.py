@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import read_json, run_shardtrain
+from shardtrain.errors import UserError
 from shardtrain.tracking.artifacts import resolve_checkpoint
 from wandb_offline import read_offline_runs_by_id
 
@@ -66,3 +67,38 @@ def test_wandb_checkpoint_offline_is_a_one_line_error(command, learnable_shards)
 
 def test_local_checkpoints_pass_through(tmp_path):
     assert resolve_checkpoint(str(tmp_path)) == str(tmp_path)
+
+
+class FakeApi:
+    """wandb.Api as resolve_checkpoint uses it online: artifact(name, type).download()."""
+    calls: list = []
+    folder = None
+
+    def __init__(self, timeout=None):
+        pass
+
+    def artifact(self, name, type=None):
+        FakeApi.calls.append((name, type))
+        if name.startswith("me/p/missing"):
+            raise ValueError("artifact membership 'missing' not found in 'me/p'\nmore detail")
+        return self
+
+    def download(self):
+        return str(FakeApi.folder)
+
+
+def test_wandb_checkpoint_online_downloads_the_model_artifact(tmp_path, monkeypatch):
+    """No W&B server runs here: wandb.Api is replaced. Checked: the name asked for (alias
+    `latest` by default, type `model`), the download folder returned, an API error in one line."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    FakeApi.calls, FakeApi.folder = [], tmp_path
+    assert resolve_checkpoint("wandb:me/p/model-x:best") == str(tmp_path)
+    assert resolve_checkpoint("wandb:me/p/model-x") == str(tmp_path)
+    assert FakeApi.calls == [("me/p/model-x:best", "model"), ("me/p/model-x:latest", "model")]
+    with pytest.raises(UserError) as e:
+        resolve_checkpoint("wandb:me/p/missing:v3")
+    assert str(e.value) == ("--checkpoint wandb:me/p/missing:v3: cannot download it from W&B: "
+                            "ValueError: artifact membership 'missing' not found in 'me/p'")
