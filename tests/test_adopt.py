@@ -33,7 +33,8 @@ def jpeg(c: int, rng, size: int = 16) -> bytes:
 
 def write_webdataset(folder: Path, split: str, n: int, label: str, seed: int = 0,
                      suffix: str = ".tar", per_shard: int = 24) -> None:
-    """`n` samples with webdataset.ShardWriter: jpg + cls, or jpg + json {"label": name}."""
+    """`n` samples with webdataset.ShardWriter: jpg + cls, jpg + txt (the class name) or
+    jpg + json {"label": name}."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(folder / f"{split}-%06d{suffix}"), maxcount=per_shard,
@@ -43,6 +44,8 @@ def write_webdataset(folder: Path, split: str, n: int, label: str, seed: int = 0
             sample = {"__key__": f"{split}/img{i:05d}", "jpg": jpeg(c, rng)}
             if label == "cls":
                 sample["cls"] = c
+            elif label == "txt":
+                sample["txt"] = CLASSES[c]
             else:
                 sample["json"] = {"label": CLASSES[c], "source": "test"}
             sink.write(sample)
@@ -116,3 +119,20 @@ def test_not_a_tar_and_no_labels_are_one_line_errors(tmp_path):
     r = run_shardtrain(["index", folder, "--label-key", "label"], check=False)
     assert r.returncode == 2 and "no train sample with an image and a label" in r.stderr
     assert not (folder / "index.json").exists()
+
+
+def test_txt_labels_and_split_prefixes(tmp_path):
+    """Class names from .txt members; splits from --split-prefix when names are not train-/val-."""
+    folder = tmp_path / "txt"
+    write_webdataset(folder, "tr", 48, "txt")
+    write_webdataset(folder, "dev", 24, "txt", seed=1)
+    r = run_shardtrain(["index", folder, "--split-prefix", "dev"], check=False)
+    assert r.returncode == 2 and "expected SPLIT=PREFIX" in r.stderr.strip().splitlines()[-1]
+    run_shardtrain(["index", folder, "--split-prefix", "train=tr", "--split-prefix", "val=dev"])
+    index = load_index(folder)
+    assert index.classes == sorted(CLASSES)
+    for split, n in (("train", 48), ("val", 24)):
+        table = sample_table(index, split)
+        assert len(table) == n and index.split(split).class_counts == [n // 4] * 4
+        named = [index.classes[y] for y in table.label]
+        assert named == [CLASSES[i % 4] for i in range(n)]  # each sample's own .txt label

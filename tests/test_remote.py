@@ -88,6 +88,28 @@ def test_preempted_run_resumes_from_url_bitwise(served, local_run, tiny_recipe, 
     assert steps == list(range(1, 25))
 
 
+def test_node_plan_resumes_from_url_bitwise(served, learnable_shards, local_run, tiny_recipe,
+                                            tmp_path):
+    """data.partition=node: preempted, resumed on a cold cache without restating C (the
+    checkpoint's is kept), the run ends bitwise equal to the uninterrupted local one."""
+    web, _ = served
+    node, c2 = "data.partition=node", "data.canonical_nodes=2"
+    local = tmp_path / "local"
+    run_shardtrain(train_args(learnable_shards, local, tiny_recipe, node, c2))
+    assert not same_weights(local_run / "model.safetensors", local / "model.safetensors")
+    out, cache = tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}"
+    proc = start(train_args(web.url, out, tiny_recipe, cache, node, c2), nproc=1)
+    wait_for_step(out, proc, 3)
+    kill_tree(proc, signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75, proc.stderr.read()[-2000:]
+    shutil.rmtree(tmp_path / "cache")
+    run_shardtrain(train_args(web.url, out, tiny_recipe, cache, node, "--resume", "auto"))
+    assert same_weights(local / "model.safetensors", out / "model.safetensors")
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps == list(range(1, 25))
+    assert "canonical_nodes: 2" in (out / "config.yaml").read_text()
+
+
 def test_dead_shard_exits_1_naming_the_url_and_keeps_checkpoints(served, local_run, tiny_recipe,
                                                                  tmp_path):
     web, _ = served

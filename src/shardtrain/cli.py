@@ -85,6 +85,9 @@ def add_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="share of the shards (the last ones) for val when names have no "
                         "train-/val-/test- prefix")
+    p.add_argument("--split-prefix", action="append", default=[], metavar="SPLIT=PREFIX",
+                   help="shards named PREFIX-* (or _ .) belong to SPLIT (train, val, test), "
+                        "replacing its default prefixes; repeatable")
     p.add_argument("--channels", type=int, default=0, choices=[0, 1, 3], help="0 = auto")
     p.add_argument("--stats-samples", type=int, default=500,
                    help="train images decoded for mean/std and image size")
@@ -97,7 +100,8 @@ def run_index(args) -> None:
     index_shards(args.source, args.out, label_key=args.label_key, classes_file=args.classes,
                  image_exts=tuple(e.strip().lower() for e in args.image_ext.split(",") if e),
                  val_fraction=args.val_fraction, channels=args.channels,
-                 stats_samples=args.stats_samples, overwrite=args.overwrite)
+                 stats_samples=args.stats_samples, overwrite=args.overwrite,
+                 split_prefixes=tuple(args.split_prefix))
 
 
 def add_dir(p: argparse.ArgumentParser) -> None:

@@ -40,8 +40,9 @@ class DataConfig:
     std: list[float] = field(default_factory=list)
     partition: str = "global"  # global: all ranks read each shard window | node: each node
     #                            reads only its share of the shards per epoch (less egress)
-    canonical_nodes: int = 0  # partition=node: C fixing the sample order (0 = this launch's
-    #                           node count; a resume on P nodes needs P | C or C | P)
+    canonical_nodes: int = 0  # partition=node: C fixing the sample order (0 = the checkpoint's
+    #                           C, else this launch's node count; resuming on P nodes needs P | C
+    #                           or C | P)
     # shards behind URLs (README "Data anywhere"): read through a node-local cache
     cache_dir: str = ""  # node-local cache folder; "" = $SHARDTRAIN_CACHE or TMPDIR/shardtrain-*
     cache_limit: int = 0  # bytes the cache may hold before evicting LRU shards (0 = no limit)

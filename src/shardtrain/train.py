@@ -89,7 +89,8 @@ class Data:
     batch_opts: BatchOptions
 
 
-def setup_data(cfg: Config, accelerator: Accelerator) -> Data:
+def setup_data(cfg: Config, accelerator: Accelerator, ckpt: dict | None = None) -> Data:
+    """Index, tables and plan; a resumed run keeps its checkpoint's canonical nodes."""
     if not cfg.data.path:
         raise UserError("no dataset: pass --data DIR (a folder written by `shardtrain pack`)")
     index = load_index(cfg.data.path)
@@ -104,7 +105,8 @@ def setup_data(cfg: Config, accelerator: Accelerator) -> Data:
             accelerator.print(f"warning: {line}: reading it up to the damage")
     nodes = num_nodes(accelerator)
     if cfg.data.partition == "node" and not cfg.data.canonical_nodes:
-        cfg.data.canonical_nodes = nodes  # recorded in config.yaml and every checkpoint
+        saved = ckpt["trainer"]["config"]["data"].get("canonical_nodes", 0) if ckpt else 0
+        cfg.data.canonical_nodes = saved or nodes  # recorded in config.yaml and each checkpoint
     try:
         check_batch_layout(cfg.data.batch_size, accelerator.num_processes, cfg.train.grad_accum,
                            len(train.label))
@@ -165,7 +167,8 @@ def build_model(cfg: Config, index: Index, image_size: int) -> tuple[torch.nn.Mo
 def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = False) -> dict:
     """Train `cfg` into out_dir; returns the final metrics (also in out_dir/final.json)."""
     accelerator = make_accelerator(cfg)
-    data = setup_data(cfg, accelerator)
+    ckpt = find_resume(resume, out_dir)
+    data = setup_data(cfg, accelerator, ckpt)
     total_steps = resolve_total_steps(cfg, data.plan)
     set_seed(cfg.train.seed)  # same initial weights on every rank
     model, meta = build_model(cfg, data.index, data.image_size)
@@ -182,7 +185,7 @@ def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = Fa
     else:
         scheduler = make_scheduler(optimizer, o.max_lr, total_steps, o.schedule, o.warmup_frac,
                                    o.div_factor, o.final_div_factor)
-    state, ckpt = State(), find_resume(resume, out_dir)
+    state = State()
     if ckpt:
         state = restore(ckpt, cfg, data, model, optimizer, scheduler, accelerator, allow_changes)
     torch.manual_seed(cfg.train.seed * 1000 + accelerator.process_index + 1 + state.step)

@@ -13,9 +13,9 @@ members and a small sample of images (mean/std, size, channels) are decoded. ind
 
 Labels: `.cls` (an integer), a `.json` field (--label-key), or `.txt` (a class name); class
 names from --classes FILE (one per line) or from the labels seen. Splits from file-name prefixes
-(train/val|valid|validation/test, then - _ or .), else --val-fraction of the shards (the last
-ones). Samples without an image or a label are skipped and listed; a shard that is not a tar is
-a one-line error naming it.
+(train/val|valid|validation/test, then - _ or .; `--split-prefix val=dev` replaces a split's),
+else --val-fraction of the shards (the last ones). Samples without an image or a label are
+skipped and listed; a shard that is not a tar is a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -32,24 +32,38 @@ from shardtrain.errors import UserError
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
 
-def split_of(name: str) -> str | None:
-    for split, prefixes in SPLIT_NAMES.items():
+def split_names(prefixes: list[str]) -> dict[str, tuple[str, ...]]:
+    """SPLIT_NAMES with `--split-prefix SPLIT=PREFIX` items replacing a split's defaults."""
+    given: dict[str, list[str]] = {}
+    for item in prefixes:
+        split, sep, prefix = item.partition("=")
+        if not sep or split not in SPLIT_NAMES or not prefix:
+            raise UserError(f"--split-prefix {item}: expected SPLIT=PREFIX with SPLIT one of "
+                            f"{', '.join(SPLIT_NAMES)}")
+        given.setdefault(split, []).append(prefix)
+    return {**SPLIT_NAMES, **{k: tuple(v) for k, v in given.items()}}
+
+
+def split_of(name: str, names: dict[str, tuple[str, ...]] = SPLIT_NAMES) -> str | None:
+    for split, prefixes in names.items():
         if any(name.startswith(p) and name[len(p):len(p) + 1] in "-_." for p in prefixes):
             return split
     return None
 
 
-def assign_splits(names: list[str], val_fraction: float) -> dict[str, list[str]]:
+def assign_splits(names: list[str], val_fraction: float,
+                  prefixes: dict[str, tuple[str, ...]] = SPLIT_NAMES) -> dict[str, list[str]]:
     """{split: shard names} from the name prefixes, else the last shards become val."""
-    found = {name: split_of(name) for name in names}
+    found = {name: split_of(name, prefixes) for name in names}
     if not any(found.values()):
         n_val = round(len(names) * val_fraction) if len(names) > 1 else 0
         n_val = max(n_val, 1) if val_fraction > 0 and len(names) > 1 else n_val
         return {"train": names[:len(names) - n_val], "val": names[len(names) - n_val:]}
     unknown = [n for n, s in found.items() if s is None]
     if unknown:
-        raise UserError(f"cannot tell the split of {unknown[0]} (others are named train-/val-/"
-                        f"test-): rename it or index its folder apart")
+        known = "/".join(f"{p}-" for ps in prefixes.values() for p in ps)
+        raise UserError(f"cannot tell the split of {unknown[0]} (others are named {known}): "
+                        f"rename it, index its folder apart or pass --split-prefix")
     return {s: [n for n in names if found[n] == s] for s in SPLIT_NAMES}
 
 
@@ -106,15 +120,17 @@ def destination(source: str, out: str | None) -> tuple[Path, str | None]:
 def index_shards(source: str, out: str | None = None, *, label_key: str = "",
                  classes_file: str = "", image_exts: tuple[str, ...] = IMAGE_EXTS,
                  val_fraction: float = 0.0, channels: int = 0, stats_samples: int = 500,
-                 overwrite: bool = False, progress: bool = True) -> dict:
+                 overwrite: bool = False, progress: bool = True,
+                 split_prefixes: tuple[str, ...] = ()) -> dict:
     """Scan SOURCE's shards and write index.json + sidecars; returns the index."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    prefixes = split_names(list(split_prefixes))
     base, names = list_shards(source)
     folder, shard_base = destination(base if "{" in source else source, out)
     if (folder / "index.json").exists() and not overwrite:
         raise UserError(f"{folder / 'index.json'} exists: pass --overwrite to replace it")
-    splits = {s: n for s, n in assign_splits(names, val_fraction).items() if n}
+    splits = {s: n for s, n in assign_splits(names, val_fraction, prefixes).items() if n}
     if "train" not in splits:
         raise UserError(f"no train shards in {source} (names: {', '.join(names[:3])}...)")
     budget = [stats_samples]
