@@ -136,3 +136,9 @@ def test_txt_labels_and_split_prefixes(tmp_path):
         assert len(table) == n and index.split(split).class_counts == [n // 4] * 4
         named = [index.classes[y] for y in table.label]
         assert named == [CLASSES[i % 4] for i in range(n)]  # each sample's own .txt label
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")  # --classes sets the ids
+    run_shardtrain(["index", folder, "--split-prefix", "train=tr", "--split-prefix", "val=dev",
+                    "--classes", tmp_path / "classes.txt", "--overwrite"])
+    index = load_index(folder)
+    assert index.classes == CLASSES
+    assert sample_table(index, "train").label.tolist() == [i % 4 for i in range(48)]
