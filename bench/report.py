@@ -128,6 +128,12 @@ def jpeg_rows(r: dict) -> list[str]:
     rows = [f"| {what}: shard loader vs torchvision ImageFolder + PIL | {ips['shard']:,} img/s | "
             f"{ips['imagefolder']:,} img/s | **{rat['shard']:.2f}x** | "
             f"{verdict('≥ 2x', rat['shard'] >= 2.0)} |"]
+    cpu, spread = p.get("cpu_ms_per_image"), p["all_rates"]
+    if cpu:  # what contention distorts least, and the spread of the per-round ratios
+        rounds = [a / b for a, b in zip(spread["shard"], spread["imagefolder"])]
+        rows.append(f"| the same: CPU time of the whole process tree per image (per-round "
+                    f"wall ratios {min(rounds):.2f}-{max(rounds):.2f}x) | {cpu['shard']} ms | "
+                    f"{cpu['imagefolder']} ms | {cpu['imagefolder'] / cpu['shard']:.2f}x | |")
     if "timm" in ips:
         q = p["ratio_shard_vs_timm"]
         rows.append(f"| the same: shard loader vs timm `create_loader` | {ips['shard']:,} img/s | "
