@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # launch/train.sh RECIPE DATA [--out DIR] [--resume auto] [section.key=value ...]
 # Train on this machine with the right accelerate config, printing the command it runs:
-#   >1 GPU: launch/gpus.yaml, one process per GPU (bf16)   1 GPU: launch/gpu1.yaml
+#   >1 GPU: launch/gpus.yaml, one process per GPU          1 GPU: launch/gpu1.yaml
 #   no GPU: launch/cpu.yaml with ACCELERATE_USE_CPU=1, $SHARDTRAIN_NPROC processes (default 2)
 # Environment: SHARDTRAIN_PYTHON (python with shardtrain+accelerate; default: python on PATH),
 # SHARDTRAIN_NPROC, SHARDTRAIN_PORT (rendezvous port, default 29500: set it for concurrent runs).
@@ -19,7 +19,9 @@ if [ "$gpus" = 0 ]; then
   gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 fi
 
-launch=("$PYTHON" -m accelerate.commands.launch)
+# `accelerate launch` through shardtrain.launch: a failed run ends with the trainer's own line and
+# exit code instead of torch elastic's ChildFailedError traceback and exit 1
+launch=("$PYTHON" -m shardtrain.launch accelerate)
 if [ "$gpus" -gt 1 ]; then
   launch+=(--config_file "$here/gpus.yaml" --num_processes "$gpus")
 elif [ "$gpus" = 1 ]; then

@@ -60,7 +60,7 @@ def test_user_errors_are_one_line_with_their_exit_code(capsys, tmp_path):
 
 
 def test_exit_codes_are_defined_once_with_their_errors():
-    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 75, 130]
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 75, 130]
     assert UserError.exit_code == 2 and DataError.exit_code == 1
     assert NonFiniteLoss.exit_code == 3
 

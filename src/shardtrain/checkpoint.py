@@ -9,7 +9,9 @@ Layout of RUN_DIR/checkpoints/:
     best.safetensors                weights with the best validation accuracy so far
 
 A checkpoint is written into a temporary folder, fsynced and renamed, then `latest` is replaced:
-a crash while saving leaves the previous checkpoint loadable. Nothing here unpickles code:
+a crash while saving leaves the previous checkpoint loadable. A write that fails (disk full,
+quota, I/O error) removes the partial files and raises DataError (exit 1) naming the path; the
+previous checkpoint stays what `latest` names. Nothing here unpickles code:
 weights are safetensors and the rest loads with torch.load(weights_only=True).
 """
 
@@ -21,10 +23,23 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from shardtrain.errors import UserError
+from shardtrain.errors import DataError, UserError
+
+# what a failed write raises: OSError (ENOSPC, EDQUOT, EIO), SafetensorError("... No space left
+# on device (os error 28)"), and torch.save's RuntimeError("[enforce fail at inline_container.cc]
+# unexpected pos ...") on a full disk
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+class WriteFailed(DataError):
+    """A file could not be written (exit 1); `reason` says why without the path."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"could not write {path}: {reason}")
+        self.reason = reason
 
 META_KEY = "shardtrain"
 
@@ -33,9 +48,13 @@ def save_weights(path: Path, state_dict: dict, meta: dict) -> None:
     """Atomically write a safetensors file with our metadata (JSON under the 'shardtrain' key)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except WRITE_ERRORS as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(path, write_failure(e, path.parent)) from None
 
 
 def load_weights(path: str | Path) -> tuple[dict, dict]:
@@ -63,8 +82,37 @@ def resolve_weights(path: Path) -> Path:
     return path
 
 
-def save_checkpoint(root: Path, step: int, *, model_state: dict, meta: dict, optim_state: dict,
-                    rng_states: list, trainer: dict, keep: int) -> Path:
+def save_checkpoint(root: Path, step: int, **parts) -> Path:
+    """write_checkpoint(); a failed write removes what it left and raises DataError naming the
+    checkpoint, while `latest` still names the previous complete checkpoint."""
+    try:
+        return write_checkpoint(root, step, **parts)
+    except (*WRITE_ERRORS, WriteFailed) as e:
+        for partial in root.glob(f".*.tmp-{os.getpid()}"):  # .step-N.tmp-PID, .latest.tmp-PID
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
+        previous = latest_checkpoint(root)
+        kept = f"; the previous checkpoint {previous} is intact" if previous else ""
+        reason = e.reason if isinstance(e, WriteFailed) else write_failure(e, root)
+        raise WriteFailed(root / f"step-{step:06d}", reason + kept) from None
+
+
+def write_failure(error: Exception, folder: Path) -> str:
+    """The error's first line and the free space left where it was writing."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    if "inline_container" in text:  # torch.save's zip writer on a full disk or quota
+        text = f"torch.save stopped mid-file ({text.splitlines()[0].strip()})"
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return f"{text.splitlines()[0] if text else type(error).__name__} ({free})"
+
+
+def write_checkpoint(root: Path, step: int, *, model_state: dict, meta: dict, optim_state: dict,
+                     rng_states: list, trainer: dict, keep: int) -> Path:
     """Write checkpoint `step` under root atomically, point `latest` at it, prune old ones."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"

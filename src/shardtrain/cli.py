@@ -10,7 +10,7 @@ A typical session:
 
 `shardtrain COMMAND --help` explains a command. Config overrides (section.key=value) may stand
 anywhere among a command's options. Exit codes: 0 ok, 1 data error, 2 usage error,
-3 non-finite loss, 75 preempted (requeue me), 130 interrupted.
+3 non-finite loss, 4 a peer rank died, 75 preempted (requeue me), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -143,15 +143,35 @@ def run_train(args) -> None:
         return
     if cfg.data.path and not is_url(cfg.data.path) and not local_path(cfg.data.path).is_dir():
         raise UserError(f"data folder not found: {cfg.data.path}")
+    from shardtrain.peers import fail_fast
     from shardtrain.tracking.wandb_run import default_run_dir
     from shardtrain.train import train
 
+    place_process(cfg)
     out = args.out or default_run_dir(cfg.recipe)  # under `wandb agent`: runs/sweep-S/RUN_ID
-    final = train(cfg, out, resume=args.resume, allow_changes=args.allow_changes)
+    with fail_fast(cfg.train.peer_timeout, setup_timeout=cfg.train.dist_timeout):
+        final = train(cfg, out, resume=args.resume, allow_changes=args.allow_changes)
     summary = f"test_acc={final['test_acc']:.4f} " if final.get("test_acc") is not None else ""
     val = f"val_acc={final['val_acc']:.4f} " if final.get("val_acc") is not None else ""
     print_main(f"done: {summary}{val}steps={final['steps']} world_size={final['world_size']} "
                f"run={out}")
+
+
+def place_process(cfg) -> None:
+    """One srun task per device gets its rank from SLURM (topology.py); data.workers=-1 becomes
+    this process's share of the CPUs; a launcher's --mixed_precision is said to do nothing."""
+    from shardtrain.topology import apply_slurm_topology, default_workers
+
+    described = apply_slurm_topology()
+    if described:
+        print_main(described)
+    if cfg.data.workers < 0:
+        cfg.data.workers = default_workers()
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch sets it
+    if asked != "no" and asked != cfg.train.precision:
+        print_main(f"note: the launcher's mixed precision {asked!r} is not used: shardtrain "
+                   f"trains with train.precision={cfg.train.precision} (set it in the recipe or "
+                   f"as train.precision=...)")
 
 
 def run_recipes(args) -> None:
@@ -183,8 +203,10 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 
 def run_eval(args) -> None:
     from shardtrain.tools.inference import eval_checkpoint
+    from shardtrain.topology import apply_slurm_topology
     from shardtrain.tracking.artifacts import resolve_checkpoint
 
+    apply_slurm_topology()  # srun -n N: one evaluation split N ways, not N evaluations
     checkpoint = resolve_checkpoint(args.checkpoint)  # wandb:ENTITY/PROJECT/NAME:ALIAS too
     ckpt = Path(checkpoint)
     out = args.out or (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval-{args.split}.json"
@@ -264,6 +286,7 @@ def run_lr_find(args) -> None:
     from shardtrain.tools.lr_find import lr_find
 
     cfg = load_config(args.recipe, overrides_with_data(args))
+    place_process(cfg)
     out = args.out or Path("runs") / f"lr-find-{Path(cfg.recipe).stem}.png"
     r = lr_find(cfg, out, start=args.start, end=args.end, steps=args.steps)
     print_main(f"suggested max lr: {r['suggested_lr']:.3g} (steepest descent "

@@ -27,7 +27,8 @@ class DataConfig:
     path: str = ""  # shard folder or URL (http(s)://, s3://, gs://) holding index.json (--data)
     image_size: int = 0  # train/eval side length in px; 0 = the index's image size
     batch_size: int = 128  # global batch: per-device batch x processes x grad_accum
-    workers: int = 2  # loader worker processes per rank
+    workers: int = -1  # loader worker processes per rank; -1 = this process's CPUs (affinity,
+    #                    e.g. SLURM --cpus-per-task) / ranks on the node - 1, at most 8
     prefetch: int = 4  # batches prefetched per worker
     shuffle_window: int = 4  # shards shuffled together per block (1 = within shard, 0 = all)
     verify_checksums: bool = True  # sha256 every shard before step 0 (false: read damaged
@@ -123,6 +124,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     log_every: int = 20  # optimizer steps between train-metric logs
     dist_timeout: int = 600  # seconds before a stuck collective fails
+    peer_timeout: int = 60  # seconds of silence before the other ranks stop (a closed
+    #                         connection ends them at once; 0 = off): see peers.py
     ema_decay: float = 0.0  # EMA of weights+buffers per optimizer step (0 = off), e.g. 0.999
     ema_warmup: int = 0  # EMA decay = min(ema_decay, (1+n)/(ema_warmup+n)) at update n (0 = off)
     tta: str = "none"  # test-time augmentation at eval: none | flip | flip_translate (+-2 px)
@@ -167,6 +170,8 @@ class Config:
         check_choice("train.tta", self.train.tta, ["none", "flip", "flip_translate"])
         if not 0 <= self.train.ema_decay < 1:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
+        if self.data.workers < -1:
+            raise UserError(f"data.workers must be >= 0 (or -1 = auto), got {self.data.workers}")
         for key, value in [("data.batch_size", self.data.batch_size),
                            ("train.grad_accum", self.train.grad_accum)]:
             if value < 1:
@@ -187,9 +192,9 @@ RESUMABLE_CHANGES = ("data.path", "data.workers", "data.prefetch", "data.cache_d
                      "data.cache_limit", "data.prefetch_shards", "data.retries",
                      "data.retry_delay", "train.epochs",
                      "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.log_every", "train.dist_timeout", "log.wandb", "log.name",
-                     "log.group", "log.tags", "log.plots", "log.artifacts", "log.model_name",
-                     "log.predictions", "log.histograms")
+                     "train.log_every", "train.dist_timeout", "train.peer_timeout", "log.wandb",
+                     "log.name", "log.group", "log.tags", "log.plots", "log.artifacts",
+                     "log.model_name", "log.predictions", "log.histograms")
 
 
 def list_recipes() -> list[str]:

@@ -7,6 +7,8 @@ keep their traceback. The codes are what launch scripts and SLURM branch on:
     1    DATA_ERROR    corrupt or missing shards, a failed download, a failed write (disk full)
     2    USAGE         a bad command line, recipe, key, path or dataset choice (UserError)
     3    NON_FINITE    training stopped on a non-finite loss; the last checkpoint predates it
+    4    PEER_FAILED   another rank or node died (or failed); this one stopped at once instead of
+                       waiting in a collective: run again with the same --out to resume
     75   PREEMPTED     EX_TEMPFAIL: checkpointed on SIGUSR1/SIGTERM; slurm/train.sbatch requeues
     130  INTERRUPTED   Ctrl-C (128 + SIGINT)
 """
@@ -21,6 +23,7 @@ class ExitCode(IntEnum):
     DATA_ERROR = 1
     USAGE = 2
     NON_FINITE = 3
+    PEER_FAILED = 4
     PREEMPTED = 75
     INTERRUPTED = 130
 

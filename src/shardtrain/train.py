@@ -38,6 +38,7 @@ from shardtrain.loop import Loop, State
 from shardtrain.lr_plateau import PlateauLR
 from shardtrain.models import create_model
 from shardtrain.optim import make_optimizer, make_scheduler, param_groups
+from shardtrain.runlock import lock_for_run
 from shardtrain.tracking.report import Reporter
 
 
@@ -167,6 +168,7 @@ def build_model(cfg: Config, index: Index, image_size: int) -> tuple[torch.nn.Mo
 def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = False) -> dict:
     """Train `cfg` into out_dir; returns the final metrics (also in out_dir/final.json)."""
     accelerator = make_accelerator(cfg)
+    lock_for_run(out_dir, accelerator)  # one writer per run folder, until this process exits
     ckpt = find_resume(resume, out_dir)
     data = setup_data(cfg, accelerator, ckpt)
     total_steps = resolve_total_steps(cfg, data.plan)
