@@ -1,4 +1,5 @@
-"""Real SLURM jobs on the local 2-node cluster: slurm/train.sbatch, preemption + requeue, sweeps.
+"""Real SLURM jobs on the local 2-node cluster: slurm/train.sbatch, preemption + requeue, a node
+killed mid-run (+ requeue and resume), one srun task per rank, sweeps.
 
 Run: `make test-slurm` (starts the cluster with slurm/cluster/start.sh, runs
 `pytest -m slurm tests/test_slurm.py`, stops it). Fails with a one-line reason when `sinfo` is
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +137,33 @@ def assert_completed(records: list[dict], log: Path) -> None:
         assert r["JobState"] == "COMPLETED" and r["ExitCode"] == "0:0", f"{r}\n{text[-4000:]}"
 
 
+def step_processes(job: str, node: str) -> list[psutil.Process]:
+    """The processes of `job`'s steps on virtual node `node` (n1, n2): every node runs on this
+    host, so they are told apart by their environment (the batch shell has no SLURM_STEP_ID)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+        except (psutil.Error, OSError):
+            continue
+        if env.get("SLURM_JOB_ID") == job and env.get("SLURMD_NODENAME") == node \
+                and "SLURM_STEP_ID" in env:
+            found.append(p)
+    return found
+
+
+def wait_for_checkpoint(run: Path, job: str) -> None:
+    """Until the run's first checkpoint exists (the job is then mid-run)."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not list(run.glob("checkpoints/step-*/trainer.json")):
+        state = (job_records(job) or [{}])[0].get("JobState")
+        assert state not in TERMINAL, f"job ended before its checkpoint: {state}"
+        if time.monotonic() > deadline:
+            scancel(job)
+            pytest.fail("no checkpoint before the deadline")
+        time.sleep(0.2)
+
+
 def split_count(shards: Path, split: str) -> int:
     index = json.loads((shards / "index.json").read_text())
     return index["splits"][split]["num_samples"] if split in index["splits"] else 0
@@ -168,14 +197,7 @@ def test_preemption_requeues_and_resumes(two_node_run, tiny_shards, tmp_path, jo
     job = jobs.submit(["--nodes=2", "-o", "slurm-%j.out", "slurm/train.sbatch",
                        *train_args(tiny_shards, run)], tmp_path)
     log = tmp_path / f"slurm-{job}.out"
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not list(run.glob("checkpoints/step-*/trainer.json")):  # the first checkpoint
-        state = (job_records(job) or [{}])[0].get("JobState")
-        assert state not in TERMINAL, f"job ended before its first checkpoint: {state}"
-        if time.monotonic() > deadline:
-            scancel(job)
-            pytest.fail("no checkpoint before the deadline")
-        time.sleep(0.2)
+    wait_for_checkpoint(run, job)
     scancel(job, "--signal=USR1", "--batch")
     records = wait_done(job, log=log)
     assert_completed(records, log)
@@ -210,6 +232,64 @@ def test_failed_job_keeps_the_trainer_exit_code_and_is_not_requeued(tiny_shards,
     assert (record["JobState"], record["ExitCode"]) == ("FAILED", "2:0"), text[-3000:]
     assert record["Restarts"] == "0" and "requeueing job" not in text
     assert "did you mean 'optim.max_lr'" in text
+
+
+def test_a_killed_node_ends_the_job_fast_then_it_requeues_and_resumes(two_node_run, tiny_shards,
+                                                                        tmp_path, jobs):
+    """kill -9 of every process of the job on n2 (node shell, agent, trainer, loader workers) as
+    the OOM killer or a lost node would do: the trainer on n1 ends within seconds with one line
+    naming rank 1 on n2, instead of waiting train.dist_timeout in a collective; the job requeues
+    itself (a node failure, SHARDTRAIN_MAX_REQUEUES) and resumes from the last checkpoint to the
+    same result as an uninterrupted run."""
+    run = tmp_path / "run"
+    job = jobs.submit(["--nodes=2", "-o", "slurm-%j.out", "slurm/train.sbatch",
+                       *train_args(tiny_shards, run)], tmp_path)
+    log = tmp_path / f"slurm-{job}.out"
+    wait_for_checkpoint(run, job)
+    victims, survivors = step_processes(job, "n2"), step_processes(job, "n1")
+    assert any("shardtrain" in " ".join(p.cmdline()) for p in victims), victims
+    for p in victims:
+        p.kill()
+    killed = time.monotonic()
+    _, alive = psutil.wait_procs(survivors, timeout=120)
+    survivor_exit = time.monotonic() - killed
+    assert not alive, f"n1 still running 120 s after n2 was killed: {alive}"
+    records = wait_done(job, log=log)
+    assert_completed(records, log)
+    text = log.read_text()
+    died = re.findall(r"shardtrain: error: rank \d+ \(pid (\d+) on (\w+)\) died.*", text)
+    print(f"n1's step processes all ended {survivor_exit:.1f} s after n2's were killed")
+    print("\n".join(re.findall(r"shardtrain(?: topology| node|: error|: training|: node).*", text)))
+    print(f"requeues.log: {(run / 'requeues.log').read_text().strip()}")
+    assert len(died) == 1 and died[0][1] == "n2", text[-4000:]
+    assert int(died[0][0]) in {p.pid for p in victims}
+    assert "node failure; requeueing job" in text and int(records[0]["Restarts"]) >= 1
+    assert re.search(rf"job={job} restart=0 node failure \(exit \d+\): requeued",
+                     (run / "requeues.log").read_text())
+    final, reference = json.loads((run / "final.json").read_text()), two_node_run[0]
+    assert final["steps"] == reference["steps"] and final["world_size"] == 2
+    assert final["val_loss"] == reference["val_loss"]  # resumed bitwise from the checkpoint
+
+
+def test_srun_one_task_per_rank_is_one_job(tiny_shards, tmp_path, jobs):
+    """`srun --ntasks-per-node=2 python -m shardtrain train` on 2 nodes (Lightning/submitit
+    style, no launcher): the 4 tasks derive their ranks from SLURM and train ONE world-size-4
+    run, not 4 world-size-1 runs into one folder."""
+    script = tmp_path / "per-task.sbatch"
+    script.write_text(f"#!/bin/bash\nsrun {sys.executable} -m shardtrain train --recipe {RECIPE} "
+                      f"--data {tiny_shards} --out {tmp_path / 'run'} train.epochs=2\n")
+    job = jobs.submit(["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1", "-o",
+                       "slurm-%j.out", str(script)], tmp_path)
+    log = tmp_path / f"slurm-{job}.out"
+    assert_completed(wait_done(job, log=log), log)
+    text = log.read_text()
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    print(re.search(r"srun topology: .*", text).group(0))
+    print("final.json:", json.dumps(final))
+    assert re.search(r"srun topology: rank 0 of 4 \(local 0 of 2, 2 nodes\), rendezvous n1:\d+",
+                     text), text[-3000:]
+    assert text.count("done: ") == 1 and final["world_size"] == 4 and final["ranks_identical"]
+    assert final["val_samples"] == split_count(tiny_shards, "val")
 
 
 def test_sweep_array(tiny_shards, tmp_path, jobs):

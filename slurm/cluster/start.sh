@@ -17,8 +17,9 @@
 #   SHARDTRAIN_SLURM_PORT       slurmctld port; slurmd ports are 17100+i (default: 6917, so a
 #                               cluster on the default port 6817 can run beside it)
 #   SLURM_LOCAL_NODES           number of virtual nodes        (default: 2)  -> n1..nN
-#   SLURM_LOCAL_CPUS_PER_NODE   CPUs each node advertises      (default: nproc). >nproc is allowed
-#                               (oversubscription; task/none does no binding)
+#   SLURM_LOCAL_CPUS_PER_NODE   CPUs each node advertises      (default: nproc, at least 8, so that
+#                               slurm/train.sbatch's default --cpus-per-task=8 fits). >nproc is
+#                               allowed (oversubscription; task/none does no binding)
 #   SLURM_LOCAL_FAKE_GPUS       fake "gpu" GRES per node (default: 0), backed by dummy device nodes.
 #                               Lets jobs ask --gpus-per-node=K / --gres=gpu:K; sets SLURM_GPUS_ON_NODE
 #                               and CUDA_VISIBLE_DEVICES=0..K-1 (do not use on a host with real GPUs).
@@ -30,7 +31,7 @@ set -euo pipefail
 BASE=${SHARDTRAIN_SLURM_BASE:-/tmp/shardtrain-slurm}
 PORT=${SHARDTRAIN_SLURM_PORT:-6917}
 NODES=${SLURM_LOCAL_NODES:-2}
-CPUS=${SLURM_LOCAL_CPUS_PER_NODE:-$(nproc)}
+CPUS=${SLURM_LOCAL_CPUS_PER_NODE:-$(( $(nproc) > 8 ? $(nproc) : 8 ))}
 FAKE_GPUS=${SLURM_LOCAL_FAKE_GPUS:-0}
 UTS=${SLURM_LOCAL_UTS:-1}
 WAIT=${SLURM_LOCAL_WAIT:-60}
