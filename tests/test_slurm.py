@@ -271,6 +271,39 @@ def test_a_killed_node_ends_the_job_fast_then_it_requeues_and_resumes(two_node_r
     assert final["val_loss"] == reference["val_loss"]  # resumed bitwise from the checkpoint
 
 
+def test_node_failures_past_the_bound_fail_the_job_and_a_resubmission_resumes(
+        two_node_run, tiny_shards, tmp_path, jobs):
+    """SHARDTRAIN_MAX_REQUEUES=0: the node failure ends the job with exit 4 (no requeue), and
+    submitting it again with the same --out resumes it from the last checkpoint."""
+    run = tmp_path / "run"
+    env = {**slurm_env(), "SHARDTRAIN_MAX_REQUEUES": "0"}
+    r = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", "--nodes=2", "-o",
+                        "slurm-%j.out", "slurm/train.sbatch", *train_args(tiny_shards, run)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    job = r.stdout.strip().split(";")[0]
+    jobs.ids.append(job)
+    log = tmp_path / f"slurm-{job}.out"
+    wait_for_checkpoint(run, job)
+    for p in step_processes(job, "n1"):  # this time rank 0's node: the hub and the store
+        p.kill()
+    record = wait_done(job, log=log)[0]
+    text = log.read_text()
+    print(f"JobState={record['JobState']} ExitCode={record['ExitCode']} "
+          f"Restarts={record['Restarts']}")
+    print("\n".join(re.findall(r"shardtrain(?: node|: error|: training|: node).*", text)))
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("FAILED", "4:0", "0")
+    assert re.search(r"shardtrain: error: rank 0 \(pid \d+ on n1\) died", text), text[-3000:]
+    assert "not requeueing: 0 node-failure requeues already" in text
+    again = jobs.submit(["--nodes=2", "-o", "slurm-%j.out", "slurm/train.sbatch",
+                         *train_args(tiny_shards, run)], tmp_path)
+    log = tmp_path / f"slurm-{again}.out"
+    assert_completed(wait_done(again, log=log), log)
+    final = json.loads((run / "final.json").read_text())
+    assert "resumed from step" in log.read_text()
+    assert final["steps"] == two_node_run[0]["steps"]
+    assert final["val_loss"] == two_node_run[0]["val_loss"]
+
+
 def test_srun_one_task_per_rank_is_one_job(tiny_shards, tmp_path, jobs):
     """`srun --ntasks-per-node=2 python -m shardtrain train` on 2 nodes (Lightning/submitit
     style, no launcher): the 4 tasks derive their ranks from SLURM and train ONE world-size-4

@@ -133,6 +133,7 @@ class PeerLink:
         if not data:
             selector.unregister(peer.sock)
             del self.peers[peer.sock]
+            peer.sock.close()
             if not peer.said_bye:
                 self.lost(peer, "its connection closed: the process is gone")
             return
