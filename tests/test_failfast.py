@@ -121,6 +121,28 @@ def test_a_dead_machine_ends_the_other_at_once_with_one_line(learnable_shards, t
     assert load_checkpoint(latest_checkpoint(out / "checkpoints"))["trainer"]["step"] >= 4
 
 
+def test_a_silent_machine_is_declared_dead_after_the_peer_timeout(learnable_shards, tiny_recipe,
+                                                                  tmp_path):
+    """SIGSTOP of machine 1's trainer (a partition or a hung node: its sockets stay open, but it
+    says nothing): machine 0 gives up after train.peer_timeout, not train.dist_timeout."""
+    out, port = tmp_path / "run", free_port()
+    script = train_script(learnable_shards, out, tiny_recipe, *LONG, "train.peer_timeout=10")
+    machines = [start(machine(rank, port, script)) for rank in (0, 1)]
+    try:
+        wait_for_checkpoint(out, machines)
+        frozen = tree(machines[1])[-1]  # launcher -> agent -> trainer
+        frozen.suspend()
+        assert machines[0].wait(timeout=120) == ExitCode.PEER_FAILED, machines[0].stderr.read()
+        lines = error_lines(machines[0].stderr.read())
+        assert lines == [f"shardtrain: error: rank 1 (pid {frozen.pid} on {socket.gethostname()}"
+                         f") died (no heartbeat for 10 s): stopping every rank; run the job again "
+                         f"with the same --out and --resume auto to continue from its last "
+                         f"checkpoint"], lines
+    finally:
+        for p in tree(machines[1]):
+            p.kill()
+
+
 def test_a_bug_on_one_rank_ends_every_rank_within_seconds(learnable_shards, tiny_recipe,
                                                           tmp_path):
     """Rank 1 raises in its 7th step with loader workers running: its traceback is printed,

@@ -30,8 +30,15 @@ from shardtrain.errors import DataError, UserError
 
 # what a failed write raises: OSError (ENOSPC, EDQUOT, EIO), SafetensorError("... No space left
 # on device (os error 28)"), and torch.save's RuntimeError("[enforce fail at inline_container.cc]
-# unexpected pos ...") on a full disk
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+# unexpected pos ...") on a full disk. Any other RuntimeError (a bug, an unpicklable object) is
+# not a write failure and keeps its traceback.
+TORCH_WRITER_ERRORS = ("inline_container", "PytorchStreamWriter", "file write failed")
+
+
+def is_write_failure(error: BaseException) -> bool:
+    if isinstance(error, (OSError, SafetensorError, WriteFailed)):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in TORCH_WRITER_ERRORS)
 
 
 class WriteFailed(DataError):
@@ -52,8 +59,10 @@ def save_weights(path: Path, state_dict: dict, meta: dict) -> None:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
         fsync_file(tmp)
         os.replace(tmp, path)
-    except WRITE_ERRORS as e:
+    except Exception as e:
         tmp.unlink(missing_ok=True)
+        if not is_write_failure(e):
+            raise
         raise WriteFailed(path, write_failure(e, path.parent)) from None
 
 
@@ -87,12 +96,14 @@ def save_checkpoint(root: Path, step: int, **parts) -> Path:
     checkpoint, while `latest` still names the previous complete checkpoint."""
     try:
         return write_checkpoint(root, step, **parts)
-    except (*WRITE_ERRORS, WriteFailed) as e:
+    except Exception as e:  # a failed write or a bug: leave no partial files either way
         for partial in root.glob(f".*.tmp-{os.getpid()}"):  # .step-N.tmp-PID, .latest.tmp-PID
             if partial.is_dir():
                 shutil.rmtree(partial, ignore_errors=True)
             else:
                 partial.unlink(missing_ok=True)
+        if not is_write_failure(e):
+            raise
         previous = latest_checkpoint(root)
         kept = f"; the previous checkpoint {previous} is intact" if previous else ""
         reason = e.reason if isinstance(e, WriteFailed) else write_failure(e, root)
