@@ -190,6 +190,7 @@ def test_a_config_mistake_is_one_line_under_every_launcher(launch, tiny_shards, 
     assert error_lines(r.stderr) == [
         "shardtrain: error: unknown config key 'optim.max_lrr' (did you mean 'optim.max_lr'?)"]
     assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
+    assert "failed (exitcode" not in r.stderr  # the elastic agent's own ERROR log of the failure
 
 
 # ---- one writer per run folder ------------------------------------------------------------------
