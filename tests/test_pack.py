@@ -423,3 +423,19 @@ def test_limit_is_stratified(tmp_path):
     sp = index["splits"]
     assert sp["train"]["class_counts"] == [3, 3, 3] and sp["val"]["class_counts"] == [1, 1, 1]
     assert sp["test"]["class_counts"] == [1, 1, 1]
+
+
+def test_encoder_workers_leave_the_parents_objects_to_the_parent():
+    """Pack workers are forked with the parent's objects frozen (gc.freeze): their collector
+    never writes to the pages of the parent's file list, so memory does not grow per worker
+    with the dataset (measured: 100k listed JPEGs, peak PSS 654-684 MB -> 534-547 MB)."""
+    import gc
+
+    from shardtrain.data.pack import _encoder_pool
+
+    pool = _encoder_pool(2)
+    try:
+        assert pool.apply(gc.get_freeze_count) > 0
+    finally:
+        pool.terminate()
+    assert gc.get_freeze_count() == 0  # the parent collects as before

@@ -12,6 +12,7 @@ CLI: `shardtrain pack SOURCE OUT_DIR --limit 10000,test=2000 --compress --format
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -226,6 +227,20 @@ def _make_index(out_dir, src, channels, stats, writers, skipped, options) -> dic
     }  # fmt: skip
 
 
+def _encoder_pool(n_workers: int):
+    """A fork pool whose workers leave the parent's objects alone: gc.freeze() moves everything
+    allocated so far (the list of every input file) out of the collector's reach, so the
+    workers' collections do not write to those pages and copy them (memory growing with the
+    dataset); the Python docs' recipe for fork without exec."""
+    if n_workers <= 1:
+        return None
+    gc.freeze()
+    try:
+        return multiprocessing.Pool(n_workers)
+    finally:
+        gc.unfreeze()
+
+
 def write_shards(
     source: str,
     out_dir: str | Path,
@@ -273,7 +288,7 @@ def write_shards(
                unit="img", desc="pack")  # fmt: skip
     writers = {s: SplitShardWriter(out_dir, s, shard_size, compress) for s in splits}
     packing = _Packing(stats, skipped, bar, src.path, strict)
-    pool = multiprocessing.Pool(n_workers) if n_workers > 1 else None
+    pool = _encoder_pool(n_workers)
     try:
         for split, items in splits.items():
             _write_split(split, items, writers[split], encode, pool, packing)
