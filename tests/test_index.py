@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_image_folder
+from helpers import run_shardtrain
 
 from shardtrain.data.codec import decode_image
 from shardtrain.data.index import ShardReader, index_hash, load_index, sample_table
@@ -98,7 +99,7 @@ def test_verify_ok_and_names_bad_sample(tmp_path, tiny_shards):
     data = bytearray(shard.read_bytes())
     data[int(table.offset[i]) : int(table.offset[i]) + 6] = b"garbag"
     shard.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=rf"train-000002.tar: sample {i:08d}: cannot decode npy"):
+    with pytest.raises(DataError, match=rf"train-000002.tar: sample {i:08d}: corrupt npy"):
         verify_shards(d, progress=False)
     (d / "train-000002.tar").write_bytes(bytes(data[:5000]))
     with pytest.raises(DataError, match="train-000002.tar: size"):
@@ -156,3 +157,26 @@ def test_gz_shard_is_inflated_to_disk_not_memory(tmp_path):
     tracemalloc.stop()
     assert decode_image(data, "npy", 3).shape == (3, 64, 64)
     assert peak < 4 * 2**20, f"{peak / 2**20:.1f} MiB allocated to read one sample"
+
+
+def test_a_damaged_npy_member_is_reported_corrupt_never_loaded_unsafely(tmp_path, tiny_shards):
+    """numpy's own message for these suggests loading "unsafely using allow_pickle": the
+    report must say the sample is corrupt instead (shardtrain never unpickles data)."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([None, 1], dtype=object), allow_pickle=True)  # an object-array header
+    for data in (b"garbage!" + bytes(100), buf.getvalue()):
+        with pytest.raises(ValueError, match="corrupt npy") as err:
+            decode_image(data, "npy", 3)
+        assert "pickle" not in str(err.value)
+    d = copy(tiny_shards, tmp_path)
+    table = sample_table(load_index(d), "train")
+    i = int(np.flatnonzero(table.shard == 1)[2])
+    shard = d / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[int(table.offset[i]):int(table.offset[i]) + 8] = b"garbage!"
+    shard.write_bytes(bytes(data))
+    r = run_shardtrain(["verify", d], check=False)
+    assert r.returncode == 1 and f"sample {i:08d}: corrupt npy" in r.stderr
+    assert "pickle" not in r.stderr

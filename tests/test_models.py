@@ -128,3 +128,38 @@ def test_transfer_freezing():
     assert model.backbone.bn1.training
     model.eval()
     assert not model.backbone.training
+
+
+def test_resnet9_logit_scale_and_bias_free_head_as_in_page_dawnbench():
+    """Page's network ends with a bias-free linear layer and logits x 0.125; the defaults keep
+    the biased, unscaled head that the FashionMNIST recipes were tuned with."""
+    torch.manual_seed(0)
+    plain = create_model("resnet9", 10, 3, widths=[8, 8, 16, 16])
+    assert plain[-1].bias is not None
+    torch.manual_seed(0)
+    page = create_model("resnet9", 10, 3, widths=[8, 8, 16, 16], logit_scale=0.125,
+                        head_bias=False)
+    heads = [m for m in page.modules() if isinstance(m, nn.Linear)]
+    assert len(heads) == 1 and heads[0].bias is None
+    page.load_state_dict({k: v for k, v in plain.state_dict().items()
+                          if k in page.state_dict()})  # strict: all but the head bias
+    plain[-1].bias.data.zero_()
+    x = torch.randn(2, 3, 16, 16)
+    plain.eval(), page.eval()
+    assert torch.allclose(page(x), 0.125 * plain(x), atol=1e-6)
+
+
+def test_cifar10_resnet9_recipe_builds_page_network():
+    from shardtrain.config import load_config
+    from shardtrain.train import build_model
+
+    cfg = load_config("cifar10-resnet9")
+    assert (cfg.optim.max_lr, cfg.optim.label_smoothing) == (0.4, 0.2)
+    index = type("Index", (), {"classes": [str(i) for i in range(10)], "channels": 3,
+                               "mean": [0.5] * 3, "std": [0.25] * 3})()
+    model, meta = build_model(cfg, index, 32)
+    assert meta["model_kwargs"]["logit_scale"] == 0.125
+    assert [m.bias for m in model.modules() if isinstance(m, nn.Linear)] == [None]
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    assert torch.allclose(model(x), 0.125 * model[:-1](x), atol=1e-6)  # the last layer scales

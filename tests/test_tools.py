@@ -155,3 +155,26 @@ def test_plus_recipe_trains_on_the_default_data(tmp_path):
     assert final["steps"] == 10
     for key in ("test_acc", "test_acc_raw", "test_acc_tta", "val_acc_tta"):
         assert math.isfinite(final[key]) and 0 <= final[key] <= 1, key
+
+
+# ---- a trained transfer model stands alone ------------------------------------------------
+def test_trained_transfer_model_loads_without_its_pretrained_backbone_file(learnable_shards,
+                                                                          tiny_recipe,
+                                                                          tmp_path):
+    """The weights file holds the whole trained network: once trained, eval/predict/export
+    must not read the pretrained backbone again (it may be gone, or the machine offline)."""
+    import torchvision
+
+    backbone = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), backbone)
+    out = tmp_path / "run"
+    run_shardtrain(["train", "--recipe", tiny_recipe, "--data", learnable_shards, "--out", out,
+                    "model.name=transfer", "model.backbone=resnet18", "model.head_hidden=8",
+                    f"model.pretrained={backbone}", "train.max_steps=2", "log.plots=false"])
+    backbone.unlink()
+    assert "test: acc=" in run_shardtrain(["eval", "--checkpoint", out, "--data",
+                                           learnable_shards]).stdout
+    image = next((learnable_shards.parent / "src" / "test" / "red").glob("*.png"))
+    assert run_shardtrain(["predict", "--checkpoint", out, image]).stdout.startswith(f"{image}: ")
+    run_shardtrain(["export", "--checkpoint", out, "--format", "torchscript"])
+    assert (out / "model.pt").is_file()

@@ -78,6 +78,8 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [256])  # mlp hidden sizes
     batchnorm: bool = True  # mlp: BN after each hidden layer
     dropout: float = 0.0  # before the classifier (and in mlp / transfer heads)
+    logit_scale: float = 1.0  # resnet9: logits x this (Page's DAWNBench network: 0.125)
+    head_bias: bool = True  # resnet9: bias in the final linear layer (Page's network: false)
     small_stem: bool = True  # torchvision resnets: 3x3 stride-1 stem, no max-pool (28-64 px)
     backbone: str = "resnet34"  # transfer: torchvision backbone
     pretrained: str = "imagenet"  # transfer: "imagenet" (torchvision cache/download), a path, or ""

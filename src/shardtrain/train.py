@@ -158,7 +158,10 @@ def build_model(cfg: Config, index: Index, image_size: int) -> tuple[torch.nn.Mo
         model = create_model(cfg.model.name, len(index.classes), index.channels, **kwargs)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         raise UserError(f"model.name={cfg.model.name}: {e}") from None
-    meta = {"model": cfg.model.name, "model_kwargs": kwargs, "classes": index.classes,
+    # the weights file holds the whole trained network: loading it must not read (or download)
+    # the pretrained backbone again, so the metadata says to build the model without it
+    saved_kwargs = {**kwargs, "pretrained": ""}
+    meta = {"model": cfg.model.name, "model_kwargs": saved_kwargs, "classes": index.classes,
             "channels": index.channels, "image_size": image_size,
             "mean": list(cfg.data.mean or index.mean), "std": list(cfg.data.std or index.std),
             "scaling": cfg.data.scaling, "shardtrain": __version__}

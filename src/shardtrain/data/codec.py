@@ -89,22 +89,37 @@ def _array_to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran_order, dtype) of a version-1.0 .npy header, parsed once per distinct
-    header: np.load's literal_eval of it cost ~100 us per 28x28 sample, most of the decode."""
+    """(shape, fortran_order, dtype) of a .npy header (format 1.0 or 2.0), parsed once per
+    distinct header: np.load's literal_eval of it cost ~100 us per 28x28 sample, most of the
+    decode."""
     f = io.BytesIO(header)
-    np.lib.format.read_magic(f)
-    return np.lib.format.read_array_header_1_0(f)
+    if np.lib.format.read_magic(f) == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
 
 
 def _load_npy(data: bytes) -> np.ndarray:
-    """np.load(BytesIO(data), allow_pickle=False), with a cached header parse (read-only array)."""
-    if data[:8] == b"\x93NUMPY\x01\x00" and len(data) >= 10:
-        start = 10 + int.from_bytes(data[8:10], "little")
+    """The uint8 array of a .npy member (read-only, no copy); ValueError("corrupt npy sample:
+    ...") otherwise.
+
+    Never numpy's own messages: for a missing header or an object dtype they suggest loading
+    "unsafely using allow_pickle", and a damaged or hostile sample must never be unpickled."""
+    sizes = {b"\x01\x00": 2, b"\x02\x00": 4}  # format version -> bytes of the header length
+    if data[:6] != b"\x93NUMPY" or data[6:8] not in sizes:
+        raise ValueError("corrupt npy sample: no .npy header")
+    n = sizes[data[6:8]]
+    start = 8 + n + int.from_bytes(data[8:8 + n], "little")
+    try:
         shape, fortran, dtype = _npy_header(data[:start])
-        if not dtype.hasobject:  # ValueError below if the data is shorter than the header says
-            arr = np.frombuffer(data, dtype, count=math.prod(shape), offset=start)
-            return arr.reshape(shape, order="F" if fortran else "C")
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, SyntaxError, TypeError, EOFError) as e:
+        raise ValueError(f"corrupt npy sample: unreadable header ({type(e).__name__})") from None
+    if dtype.hasobject:
+        raise ValueError("corrupt npy sample: object dtype (images are uint8)")
+    try:
+        arr = np.frombuffer(data, dtype, count=math.prod(shape), offset=start)
+    except ValueError:
+        raise ValueError("corrupt npy sample: shorter than its header says") from None
+    return arr.reshape(shape, order="F" if fortran else "C")
 
 
 _PNG_COLOUR_TYPE = {1: 0, 3: 2}  # IHDR colour type: 0 gray, 2 RGB (8-bit, no palette, no alpha)
@@ -169,11 +184,7 @@ def decode_image(data: bytes, ext: str, channels: int) -> torch.Tensor:
     if fast is not None:
         return fast
     if ext == "npy":
-        try:
-            arr = _load_npy(data)
-        except Exception as e:
-            raise ValueError(f"cannot decode npy: {e}") from None
-        arr = _array_to_channels(arr, channels)
+        arr = _array_to_channels(_load_npy(data), channels)
     else:  # png, jpg or any file PIL recognises by its content
         arr = np.asarray(to_mode(_open_checked(data), channels))
     if arr.ndim == 2:

@@ -31,8 +31,9 @@ MAX_IMAGE_BYTES = 64 * 2**20  # refuse larger files before decoding them
 def load_model(checkpoint: str) -> tuple[torch.nn.Module, dict]:
     """Model in eval mode with the weights and metadata of a weights file / checkpoint / run."""
     state, meta = load_weights(checkpoint)
-    model = create_model(meta["model"], len(meta["classes"]), meta["channels"],
-                         **meta["model_kwargs"])
+    # older weights files kept `pretrained`: the file holds every weight, never reload them
+    kwargs = {**meta["model_kwargs"], "pretrained": ""}
+    model = create_model(meta["model"], len(meta["classes"]), meta["channels"], **kwargs)
     model_state, ema_state = split_ema(state)  # a checkpoint of an EMA run: use the EMA
     ema_state.pop("n_averaged", None)
     model.load_state_dict(ema_state or model_state)
