@@ -87,7 +87,62 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert resolve_precision("auto", cuda=False) == expected
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. V100, T4
-    assert resolve_precision("auto", cuda=True) == "fp16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert resolve_precision("auto", cuda=True) == "bf16"
+    # on GPUs: tests/test_gpu_paths.py (which GPU is asked, and emulated bf16 does not count)
+
+
+def damage(table, victims) -> None:
+    """Break the .npy header of each sample id in `victims` (in place)."""
+    for shard_index, path in enumerate(table.shard_paths):
+        data = bytearray(path.read_bytes())
+        for v in victims:
+            if table.shard[v] == shard_index:
+                data[table.offset[v]:table.offset[v] + 8] = b"garbage!"
+        path.write_bytes(bytes(data))
+
+
+def plan_for(table, batch, world, rank):
+    from shardtrain.data.plan import TrainPlan
+
+    sizes = tuple(int((table.shard == s).sum()) for s in range(len(table.shard_paths)))
+    return TrainPlan(sizes, batch, world, rank, grad_accum=1, seed=0, window=4)
+
+
+def test_skipped_counts_survive_a_two_process_resume(learnable_shards, tiny_recipe, tmp_path):
+    """3 damaged samples, all read by rank 0 in epoch 1; preempted at step 13, resumed on 2
+    processes: every epoch skips each of them once, whichever rank reads it."""
+    d, table = damaged_copy(learnable_shards, tmp_path)
+    rank0 = plan_for(table, 16, 2, 0)
+    victims = [int(i) for i in rank0.micro_batch(0)[1][:2]] + [int(rank0.micro_batch(5)[1][0])]
+    damage(table, victims)
+    out = tmp_path / "run"
+    args = ["train", "--recipe", tiny_recipe, "--data", d, "--out", out, "train.epochs=3",
+            "data.verify_checksums=false", "log.plots=false"]
+    r = run_shardtrain(args, nproc=2, check=False, emulate=["--preempt-at", "13"])
+    assert r.returncode != 0 and "preempted: checkpoint at step 13" in r.stderr, r.stderr[-3000:]
+    run_shardtrain(args + ["--resume", "auto"], nproc=2)
+    final = read_json(out / "final.json")
+    assert final["skipped_samples"] == 3 * 3
+    assert len(final["skipped_examples"]) == 9  # every rank's, not only rank 0's
+    for v in victims:
+        assert sum(f"{v:08d}" in e for e in final["skipped_examples"]) == 3
+
+
+def test_micro_batches_with_fewer_than_two_samples_are_skipped_on_every_rank(learnable_shards,
+                                                                            tiny_recipe,
+                                                                            tmp_path):
+    """MLP with BatchNorm1d, 2 processes, 4 samples per micro-batch: in step 1 rank 0 has no
+    readable sample and rank 1 only one. Both micro-batches are skipped and counted; the
+    ranks stay in step (no hang) and identical."""
+    d, table = damaged_copy(learnable_shards, tmp_path)
+    first = [plan_for(table, 8, 2, rank).micro_batch(0)[1] for rank in (0, 1)]
+    damage(table, [int(i) for i in first[0]] + [int(i) for i in first[1][1:]])
+    out = tmp_path / "run"
+    r = run_shardtrain(["train", "--recipe", tiny_recipe, "--data", d, "--out", out,
+                        "model.name=mlp", "model.hidden=[32]", "data.batch_size=8",
+                        "train.max_steps=3", "data.verify_checksums=false", "log.plots=false",
+                        "train.dist_timeout=30"], nproc=2, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = read_json(out / "final.json")
+    assert final["skipped_samples"] == 7 and final["skipped_micro_batches"] == 2
+    assert final["ranks_identical"] is True
+    assert "skipped micro-batch" in r.stderr + r.stdout

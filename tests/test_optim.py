@@ -104,3 +104,32 @@ def test_l1_penalty():
     assert torch.allclose(l1_penalty(model), expected)
     l1_penalty(model).backward()
     assert model[0].bias.grad is None and model[0].weight.grad is not None
+
+
+def test_extended_schedule_is_continuous_and_survives_the_scheduler_state():
+    """Planned 10 steps, 7 done, then extended to 14: step index 7 keeps its planned lr, the
+    rest of the plan is stretched over indices 7..13, and the extension is saved with the
+    scheduler state (a second resume with the same total changes nothing)."""
+    model = nn.Linear(2, 2)
+    opt = make_optimizer("sgd", param_groups(model, 0.0), 0.1)
+    sched = make_scheduler(opt, 0.1, 10, "onecycle", 0.25, DIV, FINAL)
+    planned = [0.1 * f for f in factors(10, "onecycle")]
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    saved = sched.state_dict()
+    resumed = make_scheduler(make_optimizer("sgd", param_groups(model, 0.0), 0.1), 0.1, 14,
+                             "onecycle", 0.25, DIV, FINAL)
+    resumed.load_state_dict(saved)
+    resumed.lr_lambdas[0].extend(7, 14)
+    lrs = []
+    for _ in range(7):
+        lrs.append(resumed.get_last_lr()[0])
+        resumed.optimizer.step()
+        resumed.step()
+    assert lrs[0] == pytest.approx(planned[7], rel=1e-12)
+    assert all(b < a for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(0.1 * END)
+    again = make_scheduler(opt, 0.1, 14, "onecycle", 0.25, DIV, FINAL)
+    again.load_state_dict(resumed.state_dict())
+    again.lr_lambdas[0].extend(14, 14)
+    assert again.lr_lambdas[0].position(10) == resumed.lr_lambdas[0].position(10)

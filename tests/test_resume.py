@@ -187,3 +187,138 @@ def test_api_keys_never_reach_run_files(finished_run, learnable_shards, tiny_rec
     for path in out.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+# ---- pruning and run folders --------------------------------------------------------------
+def fake_checkpoint(root: Path, step: int) -> None:
+    save_checkpoint(root, step, model_state={"w": torch.ones(1)}, meta={"model": "x"},
+                    optim_state={}, rng_states=[], trainer={"step": step}, keep=100)
+
+
+def test_pruning_goes_by_step_number_and_never_removes_the_newest(tmp_path):
+    for step in (999_998, 999_999):
+        fake_checkpoint(tmp_path, step)
+    save_checkpoint(tmp_path, 1_000_000, model_state={"w": torch.ones(1)}, meta={"model": "x"},
+                    optim_state={}, rng_states=[], trainer={"step": 1_000_000}, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-1000000", "step-999999"]
+    assert latest_checkpoint(tmp_path).name == "step-1000000"
+    # an older run left higher step numbers: the checkpoint just written still survives
+    other = tmp_path / "other"
+    for step in (480, 960):
+        fake_checkpoint(other, step)
+    save_checkpoint(other, 12, model_state={"w": torch.ones(1)}, meta={"model": "x"},
+                    optim_state={}, rng_states=[], trainer={"step": 12}, keep=1)
+    assert latest_checkpoint(other).name == "step-000012"
+
+
+def test_training_into_a_folder_holding_a_run_is_refused_without_resume(finished_run,
+                                                                       learnable_shards,
+                                                                       tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    r = run_shardtrain(["train", "--recipe", tiny_recipe, "--data", learnable_shards, "--out",
+                        run, "train.max_steps=2"], check=False)
+    assert r.returncode == 2 and "--resume auto" in r.stderr and "--out" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert before == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def test_resume_auto_refuses_a_dangling_latest_instead_of_restarting(finished_run,
+                                                                    learnable_shards,
+                                                                    tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(latest_checkpoint(run / "checkpoints"))
+    metrics = (run / "metrics.jsonl").read_bytes()
+    r = run_shardtrain(["train", "--recipe", tiny_recipe, "--data", learnable_shards, "--out",
+                        run, "--resume", "auto"], check=False)
+    assert r.returncode == 1 and "checkpoints/latest" in r.stderr and "Traceback" not in r.stderr
+    assert (run / "metrics.jsonl").read_bytes() == metrics  # not truncated by a restart
+
+
+# ---- a preempted, then extended run, on a clock that only counts steps (tests/emulate.py) ---
+@pytest.fixture(scope="module")
+def extended_run(learnable_shards, tiny_recipe, tmp_path_factory):
+    """10 steps planned, checkpoints every 2 (3 kept), preempted after step 7; resumed with
+    train.max_steps=14. Fake clock: 1 s per step, 100 s per checkpoint, 1000 s per eval."""
+    out = tmp_path_factory.mktemp("extended") / "run"
+    args = ["train", "--recipe", tiny_recipe, "--data", learnable_shards, "--out", out,
+            "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.log_every=1",
+            "log.plots=false"]
+    first = run_shardtrain(args + ["train.max_steps=10"], check=False,
+                           emulate=["--fake-clock", "--preempt-at", "7"])
+    kept_first = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    run_shardtrain(args + ["train.max_steps=14", "--resume", "auto"], emulate=["--fake-clock"])
+    return out, first, kept_first
+
+
+def test_checkpoints_are_pruned_to_keep_checkpoints(extended_run):
+    out, first, kept_first = extended_run
+    assert first.returncode == 75, first.stderr[-2000:]
+    assert kept_first == ["step-000004", "step-000006", "step-000007"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == [
+        "step-000010", "step-000012", "step-000014"]
+
+
+def test_train_seconds_count_training_only(extended_run):
+    out, _, _ = extended_run
+    final = read_json(out / "final.json")
+    assert final["steps"] == 14 and final["train_seconds"] == 14.0  # no checkpoint or eval time
+    assert final["images_per_second"] == 16.0  # batch 16 per 1 s step
+    rates = [r["train/images_per_sec"] for r in read_jsonl(out / "metrics.jsonl")
+             if r["kind"] == "step"]
+    assert rates == [16.0] * 14
+
+
+def test_extending_a_run_keeps_the_lr_continuous(extended_run):
+    """Step 8 uses the lr the 10-step schedule gave it; the rest of that schedule is then
+    stretched over steps 8..14, down to the same final lr."""
+    from shardtrain.optim import lr_factor
+
+    out, _, _ = extended_run
+    lrs = [r["train/lr"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
+    planned = [0.01 * lr_factor(k, 10, "onecycle", 0.25, 25, 1e4) for k in range(10)]
+    assert lrs[:8] == pytest.approx(planned[:8], rel=1e-12)
+    assert all(b < a for a, b in zip(lrs[7:], lrs[8:]))  # still annealing, no jump back up
+    assert lrs[-1] == pytest.approx(0.01 / 25 / 1e4, rel=1e-9)
+
+
+# ---- preemption at an epoch end ----------------------------------------------------------
+def test_preemption_at_an_epoch_end_still_validates_that_epoch(learnable_shards, tiny_recipe,
+                                                              tmp_path):
+    """12 steps per epoch, 2 epochs: preempted at the end of epoch 1, then at the last step."""
+    out = tmp_path / "run"
+    args = ["train", "--recipe", tiny_recipe, "--data", learnable_shards, "--out", out,
+            "train.epochs=2", "log.plots=false"]
+    r = run_shardtrain(args, check=False, emulate=["--preempt-at", "12"])
+    assert r.returncode == 75, r.stderr[-2000:]
+    epochs = [x for x in read_jsonl(out / "metrics.jsonl") if x["kind"] == "epoch"]
+    assert [x["step"] for x in epochs] == [12]
+    assert (out / "checkpoints" / "best.safetensors").is_file()
+    r = run_shardtrain(args + ["--resume", "auto"], check=False, emulate=["--preempt-at", "24"])
+    assert r.returncode == 75, r.stderr[-2000:]
+    run_shardtrain(args + ["--resume", "auto"])
+    epochs = [x for x in read_jsonl(out / "metrics.jsonl") if x["kind"] == "epoch"]
+    assert [x["step"] for x in epochs] == [12, 24]
+    assert read_json(out / "final.json")["val_acc"] == epochs[-1]["val/acc"]
+
+
+# ---- a non-finite loss -------------------------------------------------------------------
+@pytest.mark.parametrize("nproc,bad", [(1, "6:0"), (2, "8:1")])
+def test_non_finite_loss_after_a_checkpoint_stops_every_rank_before_saving(
+        learnable_shards, tiny_recipe, tmp_path, nproc, bad):
+    """Checkpoints every 4 steps. One process: NaN at step 6, found at the step-8 check. Two:
+    NaN at step 8 on rank 1 only, where rank 0's own loss is finite: both ranks must stop."""
+    out = tmp_path / "nan"
+    r = run_shardtrain(["train", "--recipe", tiny_recipe, "--data", learnable_shards, "--out",
+                        out, "train.checkpoint_every=4", "train.log_every=4",
+                        "train.dist_timeout=30"], nproc=nproc, check=False,
+                       emulate=["--nan-at", bad])
+    step = bad.split(":")[0]
+    assert f"non-finite loss at optimizer step {step}:" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == (3 if nproc == 1 else 1)  # accelerate's launcher exits 1 for any code
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000004"]
+    weights = load_checkpoint(latest_checkpoint(out / "checkpoints"))["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert not (out / "final.json").exists()

@@ -101,3 +101,26 @@ def test_missing_data_folder_and_unknown_recipe(tmp_path, tiny_recipe):
     r = run_shardtrain(["train", "--recipe", "fashion-mnist-resnet", "--data", tmp_path],
                        check=False)
     assert r.returncode == 2 and "did you mean" in r.stderr
+
+
+def test_logged_loss_is_the_mean_over_ranks_and_micro_batches(learnable_shards, tiny_recipe,
+                                                              tmp_path):
+    """2 processes x grad_accum 2: train/loss of a step is the mean of its 4 micro-batch losses
+    (recorded by tests/emulate.py); train/grad_norm is measured before clip-by-value; and
+    model.sync_bn=true on CPU says once that it is ignored."""
+    out, losses = tmp_path / "run", tmp_path / "losses"
+    clip = 1e-6
+    r = train(learnable_shards, out, tiny_recipe, "train.grad_accum=2", "train.max_steps=3",
+              "train.log_every=1", f"optim.clip_value={clip}", "model.sync_bn=true",
+              "log.plots=false", nproc=2, emulate=["--record-losses", losses])
+    recorded = read_jsonl(losses / "rank0.jsonl") + read_jsonl(losses / "rank1.jsonl")
+    logged = [x for x in read_jsonl(out / "metrics.jsonl") if x["kind"] == "step"]
+    assert [x["step"] for x in logged] == [1, 2, 3]
+    for x in logged:
+        mine = [m["loss"] for m in recorded if m["step"] == x["step"]]
+        assert len(mine) == 4 and x["train/loss"] == pytest.approx(sum(mine) / 4, rel=1e-5)
+    from shardtrain.models import create_model
+
+    n = sum(p.numel() for p in create_model("resnet9", 4, 3, widths=[8, 16, 16, 32]).parameters())
+    assert all(x["train/grad_norm"] > clip * n**0.5 for x in logged)  # above any clipped norm
+    assert (r.stdout + r.stderr).count("model.sync_bn=true is ignored on CPU") == 1

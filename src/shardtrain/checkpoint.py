@@ -141,8 +141,17 @@ def write_checkpoint(root: Path, step: int, *, model_state: dict, meta: dict, op
         shutil.rmtree(final)
     os.rename(tmp, final)
     write_atomic(root / "latest", name)
-    prune(root, keep)
+    prune(root, keep, newest=final)
     return final
+
+
+def refuse_existing_run(out_dir: Path) -> None:
+    """UserError when out_dir already holds a run: training into it without --resume would
+    prune its checkpoints and rewrite its metrics."""
+    found = [n for n in ("checkpoints", "metrics.jsonl", "final.json") if (out_dir / n).exists()]
+    if found:
+        raise UserError(f"{out_dir} already holds a run ({found[0]}): continue it with "
+                        f"--resume auto, or train into a new --out folder")
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -165,9 +174,15 @@ def load_checkpoint(folder: Path) -> dict:
     }
 
 
-def prune(root: Path, keep: int) -> None:
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in steps[:-max(keep, 1)]:
+def prune(root: Path, keep: int, newest: Path) -> None:
+    """Keep `newest` (just written, what `latest` names) and the keep-1 highest other steps.
+
+    By step number, not by name: names sort wrongly past step 999,999, and a folder left by
+    an older run may hold higher step numbers than the checkpoint just written."""
+    steps = sorted((int(p.name[5:]), p.name) for p in root.glob("step-*")
+                   if p.is_dir() and p.name[5:].isdigit())
+    others = [root / name for _, name in steps if name != newest.name]
+    for old in others[:max(len(others) - (max(keep, 1) - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".step-*.tmp-*"):  # left by a crash during an earlier save
         if not stale.name.endswith(f"-{os.getpid()}"):

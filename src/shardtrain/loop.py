@@ -4,7 +4,8 @@ the final evaluation and files.
 Step body (accelerate's gradient_accumulation example):
     with accelerator.accumulate(model): forward, backward, clip on sync, optimizer.step()
 then, once per optimizer step: scheduler.step(), EMA update, and at boundaries (log steps,
-epoch ends, checkpoints, preemption) one finiteness check before anything is logged or saved.
+epoch ends, checkpoints, preemption) one finiteness check, agreed by all ranks, before anything
+is logged or saved.
 The shard loader is NOT passed to accelerator.prepare (it would re-split or dispatch batches the
 plan has already split by rank); batches move to the device in data/batch.py.
 """
@@ -12,9 +13,7 @@ plan has already split by rank); batches move to the device in data/batch.py.
 from __future__ import annotations
 
 import math
-import secrets
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,32 +31,9 @@ from shardtrain.evaluate import (evaluate, ranks_identical, sum_over_ranks, sum_
                                  sync_bn_stats)
 from shardtrain.optim import l1_penalty
 from shardtrain.preemption import Preemption
+from shardtrain.step import Clock, State, StepLoss, clip_gradients, plain_module
 from shardtrain.tracking.report import final_metrics, write_eval_files
 from shardtrain.tta import make_tta
-
-
-@dataclass
-class State:
-    """Where training is: everything the loop mutates, saved in every checkpoint."""
-
-    step: int = 0  # optimizer steps done (also the data position: see data/plan.py)
-    best_val_acc: float = -1.0
-    wandb_id: str = field(default_factory=lambda: secrets.token_hex(4))
-    skipped_samples: int = 0
-    skipped_examples: list = field(default_factory=list)
-    train_seconds: float = 0.0
-    images_seen: int = 0
-    last_val: dict = field(default_factory=dict)
-    fp16_skipped_steps: int = 0  # optimizer steps the fp16 grad scaler skipped (inf/nan grads)
-    downloaded_bytes: list = field(default_factory=list)  # per epoch: bytes per node (URLs)
-
-
-@dataclass
-class Window:
-    """Start of the current timing window (for images/s and train_seconds)."""
-
-    time: float
-    step: int
 
 
 class Loop:
@@ -81,6 +57,7 @@ class Loop:
                  reporter, meta: dict, out_dir: Path, ema=None):
         self.cfg, self.accelerator, self.data = cfg, accelerator, data
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+        self.plain = plain_module(accelerator, model)
         self.total_steps = total_steps
         self.reporter, self.meta, self.out_dir = reporter, meta, out_dir
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
@@ -90,8 +67,7 @@ class Loop:
         self.eval_loaders: dict[int, torch.utils.data.DataLoader] = {}  # made once per split
         self.grad_norm: torch.Tensor | None = None  # measured on the steps that log it
         self.gradient_histograms: dict | None = None  # log.histograms: the epoch's last step
-        # the first optimizer step with a non-finite loss (-1: none yet), kept on the device
-        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
+        self.losses = StepLoss(accelerator.device)
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self, state: State) -> bool:
@@ -105,13 +81,13 @@ class Loop:
             prefetch=cfg.data.prefetch, pin_memory=self.pin)
         self.set_frozen(state.step // plan.steps_per_epoch)
         self.model.train()
-        window = Window(time.perf_counter(), state.step)
+        clock = Clock(state.step)
         for batch in loader:
-            loss = self.micro_step(batch, state)
+            self.micro_step(batch, state)
             if not acc.sync_gradients:
                 continue
             lr = self.scheduler.get_last_lr()[0]  # the lr this step used
-            self.after_optimizer_step(state, loss)
+            self.after_optimizer_step(state)
             last = state.step == self.total_steps
             logging = state.step % cfg.train.log_every == 0 or last
             preempted = self.preemption.agreed(acc, state.step)
@@ -121,98 +97,128 @@ class Loop:
             if logging or preempted or epoch_end or periodic:
                 self.check_finite()  # nothing is logged or saved past a non-finite loss
             if logging:
-                self.log_step(state, loss, lr, window)
-            if preempted:
+                self.log_step(state, lr, clock)
+            if not (epoch_end or periodic or preempted):
+                continue
+            clock.stop(state)  # evaluation and checkpoint writing are not training time
+            if epoch_end:  # also when preempted here: validate, then checkpoint
+                self.end_of_epoch(state)
+            else:
                 self.save(state)
+            if preempted:
                 self.reporter.print(f"preempted: checkpoint at step {state.step}, exiting "
                                     f"{int(ExitCode.PREEMPTED)} to be requeued")
                 self.reporter.close()
                 return True
-            if epoch_end:
-                self.end_of_epoch(state, window)
-            elif periodic:
-                self.save(state)
+            clock.restart()
         return False
 
-    def after_optimizer_step(self, state: State, loss: torch.Tensor) -> None:
+    def after_optimizer_step(self, state: State) -> None:
         """Schedule, EMA and counters, once per optimizer step (no CPU-GPU sync)."""
         acc = self.accelerator
         self.scheduler.step()
         state.step += 1
-        if self.ema is not None:  # same weights on every rank: update from the unwrapped model
-            self.ema.update(acc.unwrap_model(self.model))
+        if self.ema is not None:  # same weights on every rank: update from the plain model
+            self.ema.update(self.plain)
         state.images_seen += self.cfg.data.batch_size
-        if self.fp16:  # the grad scaler skips overflowing steps by design: count them
+        # fp16: the grad scaler skips steps with inf/nan gradients by design: count them instead
+        self.losses.end_step(state.step, track_finite=not self.fp16)
+        if self.fp16:
             state.fp16_skipped_steps += int(acc.optimizer_step_was_skipped)
-        else:  # remember the first non-finite step without a CPU-GPU sync
-            bad = (self.first_bad_step < 0) & ~torch.isfinite(loss.detach())
-            step = torch.full_like(self.first_bad_step, state.step)
-            self.first_bad_step = torch.where(bad, step, self.first_bad_step)
         self.reporter.advance()
 
-    def micro_step(self, batch: dict, state: State) -> torch.Tensor:
+    def micro_step(self, batch: dict, state: State) -> torch.Tensor | None:
+        """Forward and backward of one micro-batch (and the optimizer step on the last one of
+        an accumulation); its loss, or None when it had too few readable samples to train on."""
         cfg, acc = self.cfg, self.accelerator
         if batch["skipped"]:
             state.skipped_samples += len(batch["skipped"])
             state.skipped_examples = (state.skipped_examples + batch["skipped"])[:20]
             self.reporter.print(f"skipped corrupt sample(s): {'; '.join(batch['skipped'][:3])}")
         x, y = prepare_batch(batch, acc.device, self.data.batch_opts, train=True)
-        if cfg.augment.mixup_alpha or cfg.augment.cutmix_alpha:  # y: soft targets (B, K)
+        # BatchNorm needs 2+ samples (unless the recipe asks for 1), an empty batch has no loss
+        usable = len(y) >= min(2, self.data.plan.batch_per_device)
+        if not usable:
+            state.skipped_micro_batches += 1
+            self.reporter.print(f"skipped micro-batch of step {state.step + 1}: {len(y)} readable "
+                                f"sample(s), BatchNorm needs 2")
+        elif cfg.augment.mixup_alpha or cfg.augment.cutmix_alpha:  # y: soft targets (B, K)
             x, y = mix_for_step(x, y, batch["ids"], cfg.augment, seed=cfg.train.seed,
                                 step=state.step, num_classes=len(self.data.index.classes))
         with acc.accumulate(self.model):
-            loss = self.criterion(self.model(x), y)
-            if cfg.optim.l1:
-                loss = loss + cfg.optim.l1 * l1_penalty(acc.unwrap_model(self.model))
+            if usable:
+                loss = self.criterion(self.model(x), y)
+                if cfg.optim.l1:
+                    loss = loss + cfg.optim.l1 * l1_penalty(self.plain)
+            else:
+                loss = self.no_gradient_loss(x)
             acc.backward(loss)
             if acc.sync_gradients:
                 self.clip(state)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if not usable:
+            return None
+        self.losses.add(loss)
         return loss
 
+    def no_gradient_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero times the output of one blank image in eval mode: this rank still takes part in
+        the step's gradient all-reduce (DDP would hang if it skipped it), adding nothing."""
+        blank = x.new_zeros((1, *x.shape[1:]))  # (1, C, H, W)
+        self.model.eval()
+        try:
+            return self.model(blank).float().sum() * 0.0
+        finally:
+            self.model.train()
+
     def clip(self, state: State) -> None:
-        o, params = self.cfg.optim, self.model.parameters()
-        next_step = state.step + 1
-        if self.cfg.log.histograms and (next_step % self.data.plan.steps_per_epoch == 0
-                                        or next_step == self.total_steps):  # an epoch's end
-            self.gradient_histograms = self.reporter.gradient_histograms(
-                self.accelerator.unwrap_model(self.model))  # rank 0, before clipping
-        if o.clip_value:
-            self.accelerator.clip_grad_value_(params, o.clip_value)
+        o, next_step = self.cfg.optim, state.step + 1
         logging = next_step % self.cfg.train.log_every == 0 or next_step == self.total_steps
-        if o.clip_norm or logging:  # clip_norm=inf only measures (multiplies by exactly 1)
-            norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
-                                                    o.clip_norm or float("inf"))
+        histograms = self.cfg.log.histograms and (next_step % self.data.plan.steps_per_epoch == 0
+                                                  or next_step == self.total_steps)  # epoch end
+        norm = clip_gradients(self.accelerator, self.model.parameters(), o.clip_value,
+                              o.clip_norm, measure=logging,
+                              before_clipping=self.keep_gradient_histograms if histograms else None)
+        if logging:
             self.grad_norm = norm
 
-    def check_finite(self) -> None:
-        bad = int(self.first_bad_step.item())  # note: CPU-GPU sync point, only at boundaries
-        if bad >= 0:
-            raise NonFiniteLoss(
-                f"non-finite loss at optimizer step {bad}: stopping; the last checkpoint in "
-                f"{self.out_dir / 'checkpoints'} is from before it (lower optim.max_lr or add "
-                f"optim.clip_norm)")
+    def keep_gradient_histograms(self) -> None:
+        """log.histograms: this step's unscaled gradients before clipping (rank 0 keeps them)."""
+        self.gradient_histograms = self.reporter.gradient_histograms(self.plain)
 
-    def log_step(self, state: State, loss: torch.Tensor, lr: float, window: Window) -> None:
-        now = time.perf_counter()
-        steps = state.step - window.step
-        images_per_sec = steps * self.cfg.data.batch_size / max(now - window.time, 1e-9)
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss on every rank when any rank has seen a non-finite loss."""
+        # note: a collective and a CPU-GPU sync point, only at boundaries
+        everyone = self.accelerator.gather(self.losses.first_bad_step[None])  # (world,)
+        bad = everyone[everyone >= 0]
+        if len(bad):
+            raise NonFiniteLoss(
+                f"non-finite loss at optimizer step {int(bad.min())}: stopping; the last "
+                f"checkpoint in {self.out_dir / 'checkpoints'} is from before it (lower "
+                f"optim.max_lr or add optim.clip_norm)")
+
+    def log_step(self, state: State, lr: float, clock: Clock) -> None:
+        """train/loss: the mean over ranks and micro-batches of this optimizer step."""
+        steps, seconds = clock.lap(state)
+        loss_sum, count = self.losses.last
+        # note: a collective and a CPU-GPU sync point, only at log steps
+        total = self.accelerator.reduce(
+            torch.stack([loss_sum.float(), torch.tensor(float(count), device=loss_sum.device)]),
+            reduction="sum").tolist()
         norm = self.grad_norm
         self.reporter.log("step", state.step, {
             "epoch": state.step / self.data.plan.steps_per_epoch,
-            "train/loss": float(loss.item()),  # note: CPU-GPU sync point
+            "train/loss": total[0] / total[1] if total[1] else float("nan"),
             "train/lr": lr,
-            "train/images_per_sec": images_per_sec,
+            "train/images_per_sec": steps * self.cfg.data.batch_size / max(seconds, 1e-9),
             "train/grad_norm": float(norm) if norm is not None else float("nan"),
         })
-        state.train_seconds += now - window.time
-        window.time, window.step = now, state.step
 
     # ---- epoch ends, checkpoints ------------------------------------------------------------
-    def end_of_epoch(self, state: State, window: Window) -> None:
+    def end_of_epoch(self, state: State) -> None:
+        """Validate (and keep the best weights) when due, checkpoint, unfreeze when due."""
         cfg = self.cfg
-        state.train_seconds += time.perf_counter() - window.time
         epoch = math.ceil(state.step / self.data.plan.steps_per_epoch)
         sync_bn_stats(self.model, self.accelerator)
         if self.data.val is not None and (epoch % cfg.train.eval_every == 0
@@ -231,11 +237,10 @@ class Loop:
                     save_weights(self.out_dir / "checkpoints" / "best.safetensors",
                                  self.eval_state(), self.meta)
         self.log_downloads(state, epoch)
-        self.reporter.log_histograms(state.step, self.accelerator.unwrap_model(self.model),
-                                     self.gradient_histograms)  # log.histograms, rank 0
+        # log.histograms (rank 0)
+        self.reporter.log_histograms(state.step, self.plain, self.gradient_histograms)
         self.save(state)
         self.set_frozen(epoch)
-        window.time, window.step = time.perf_counter(), state.step
 
     def log_downloads(self, state: State, epoch: int) -> None:
         """Bytes each node downloaded for this epoch's shards (a collective; URLs only)."""
@@ -264,13 +269,13 @@ class Loop:
     def eval_model(self) -> torch.nn.Module:
         """What is evaluated and saved as the run's model: the EMA when enabled."""
         if self.ema is None:
-            return self.accelerator.unwrap_model(self.model)
+            return self.plain
         sync_bn_stats(self.ema.module, self.accelerator)  # EMA of BN buffers differs per rank
         return self.ema.module
 
     def eval_state(self) -> dict:
         """No collective (rank 0 only calls it): EMA BN buffers were synced by the last eval."""
-        return self.model_state() if self.ema is None else self.ema.module.state_dict()
+        return (self.ema.module if self.ema is not None else self.plain).state_dict()
 
     def extra_evals(self) -> dict:
         """final.json extras: plain-model accuracy when EMA is on (*_acc_raw), TTA (*_acc_tta)."""
@@ -281,31 +286,36 @@ class Loop:
             if table is None:
                 continue
             if self.ema is not None:
-                raw = self.accelerator.unwrap_model(self.model)
-                extra[f"{name}_acc_raw"] = self.eval_split(table, model=raw)["acc"]
+                extra[f"{name}_acc_raw"] = self.eval_split(table, model=self.plain)["acc"]
             if self.cfg.train.tta != "none":
                 tta = make_tta(self.cfg.train.tta)
                 extra[f"{name}_acc_tta"] = self.eval_split(table, transform=tta)["acc"]
         return extra
 
     def set_frozen(self, epoch: int) -> None:
-        model = self.accelerator.unwrap_model(self.model)
-        if self.cfg.model.freeze_epochs and hasattr(model, "backbone"):
+        if self.cfg.model.freeze_epochs and hasattr(self.plain, "backbone"):
             from shardtrain.models.transfer import set_backbone_trainable
 
-            set_backbone_trainable(model, epoch >= self.cfg.model.freeze_epochs)
+            set_backbone_trainable(self.plain, epoch >= self.cfg.model.freeze_epochs)
 
-    def model_state(self) -> dict:
-        return self.accelerator.get_state_dict(self.model)
+    def gather_ranks(self, state: State) -> tuple[list, dict]:
+        """(every rank's RNG states, the skipped_* counts summed over ranks). A collective."""
+        mine = {"rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state()
+                        if torch.cuda.is_available() else None},
+                "skipped": (state.skipped_samples, state.skipped_micro_batches,
+                            state.skipped_examples)}
+        everyone = gather_object([mine]) if self.accelerator.num_processes > 1 else [mine]
+        samples, micro, examples = zip(*(r["skipped"] for r in everyone))
+        totals = {"skipped_samples": sum(samples), "skipped_micro_batches": sum(micro),
+                  "skipped_examples": [e for rank in examples for e in rank][:20]}
+        return [r["rng"] for r in everyone], totals
 
     def save(self, state: State) -> None:
         """Complete checkpoint: rank 0 writes, every rank contributes its RNG state."""
         acc = self.accelerator
         sync_bn_stats(self.model, acc)
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-        rng_states = gather_object([rng]) if acc.num_processes > 1 else [rng]
-        model_state = self.model_state()
+        rng_states, skipped = self.gather_ranks(state)
+        model_state = self.plain.state_dict()
         if self.ema is not None:  # checkpoint: model + EMA tensors under the `ema.` prefix
             sync_bn_stats(self.ema.module, acc)
             model_state.update(self.ema.state_dict())
@@ -317,7 +327,7 @@ class Loop:
                        "index_hash": index_hash(self.cfg.data.path),
                        "config_hash": config_hash(self.cfg, RESUMABLE_CHANGES),
                        "config": asdict(self.cfg),
-                       "state": asdict(state)}
+                       "state": {**asdict(state), **skipped}}
             save_checkpoint(self.out_dir / "checkpoints", state.step, model_state=model_state,
                             meta=self.meta, optim_state=optim, rng_states=rng_states,
                             trainer=trainer, keep=self.cfg.train.keep_checkpoints)
@@ -334,11 +344,11 @@ class Loop:
             save_weights(self.out_dir / "model.safetensors", self.eval_state(), self.meta)
         final = final_metrics(state, val, test, acc.num_processes, self.out_dir, self.data.plan)
         final.update(extra)
-        weights = acc.unwrap_model(self.model).state_dict()
+        weights = self.plain.state_dict()
         if self.ema is not None:
             weights.update(self.ema.state_dict())
         final["ranks_identical"] = ranks_identical(weights, acc)
-        final["skipped_samples"] = sum_over_ranks(state.skipped_samples, acc)
+        final.update(self.gather_ranks(state)[1])
         if self.data.train.downloads is not None:  # shards behind URLs: egress per epoch
             final["downloaded_bytes_per_epoch"] = state.downloaded_bytes
             final["eval_downloaded_bytes"] = sum_over_ranks(

@@ -9,14 +9,15 @@
 
 The schedule is the pure function `lr_factor(step, ...)` wrapped in LambdaLR, so it can be
 plotted and tested without a model. The optimizer step with 0-based index k uses
-lr = max_lr * lr_mult * lr_factor(k).
+lr = max_lr * lr_mult * lr_factor(k); a run extended on resume continues the same curve,
+stretched (StepSchedule).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -106,6 +107,47 @@ def lr_factor(
     return end + (1.0 - end) * (1.0 + math.cos(math.pi * t)) / 2.0
 
 
+@dataclass
+class StepSchedule:
+    """The LambdaLR lr_lambda: factor of optimizer step k, with the run extensible on resume.
+
+    Its fields are saved in the scheduler's state_dict (LambdaLR saves a callable object's
+    __dict__), so a checkpoint knows the schedule it was trained on.
+    Extending (or shortening) a run at step s to a new total T: the optimizer step with index
+    s keeps the lr it had, and the rest of the planned schedule (positions s..total_steps-1) is
+    stretched over the steps s..T-1, so the lr stays continuous and ends at the same minimum.
+    `position(k)` is where on the planned schedule step k is.
+    """
+
+    total_steps: int  # planned length of the schedule (the run's first total_steps)
+    schedule: str
+    warmup_frac: float
+    div_factor: float
+    final_div_factor: float
+    anchor_step: int = 0  # from this step on, positions are stretched ...
+    anchor_pos: float = 0.0  # ... starting at this position
+    end_steps: int = 0  # the run's total_steps now (0: as planned)
+
+    def position(self, step: int) -> float:
+        end, last = self.end_steps or self.total_steps, self.total_steps - 1
+        if end == self.total_steps and self.anchor_step == 0:
+            return step
+        if end - 1 <= self.anchor_step:
+            return last
+        return self.anchor_pos + (step - self.anchor_step) * (last - self.anchor_pos) / (
+            end - 1 - self.anchor_step)
+
+    def extend(self, step: int, total_steps: int) -> None:
+        """Continue at `step` (the next step index) on a run that is now total_steps long."""
+        if total_steps != (self.end_steps or self.total_steps):
+            self.anchor_pos, self.anchor_step = self.position(step), step
+            self.end_steps = total_steps
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(self.position(step), self.total_steps, self.schedule, self.warmup_frac,
+                         self.div_factor, self.final_div_factor)
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer,
     max_lr: float,
@@ -115,22 +157,17 @@ def make_scheduler(
     div_factor: float,
     final_div_factor: float,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR with base lr max_lr * group["lr_mult"] per group and factor `lr_factor(step)`.
+    """LambdaLR with base lr max_lr * group["lr_mult"] per group and factor StepSchedule(step).
 
-    Call `scheduler.step()` once after every optimizer step.
+    Call `scheduler.step()` once after every optimizer step. After loading a checkpoint's
+    state into it, `scheduler.lr_lambdas[0].extend(step, total_steps)` continues the run with a
+    new length (see StepSchedule).
     """
     for group in optimizer.param_groups:
         group["lr"] = max_lr * group.get("lr_mult", 1.0)
         group["initial_lr"] = group["lr"]  # LambdaLR only setdefault()s it
-    factor = functools.partial(
-        lr_factor,
-        total_steps=total_steps,
-        schedule=schedule,
-        warmup_frac=warmup_frac,
-        div_factor=div_factor,
-        final_div_factor=final_div_factor,
-    )
-    lr_factor(0, **factor.keywords)  # fail here on a bad schedule name, not at the first step
+    factor = StepSchedule(total_steps, schedule, warmup_frac, div_factor, final_div_factor)
+    factor(0)  # fail here on a bad schedule name, not at the first step
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

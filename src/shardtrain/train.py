@@ -16,7 +16,7 @@ a checkpoint is written and the process exits with ExitCode.PREEMPTED (75) for t
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
 from shardtrain import __version__
-from shardtrain.checkpoint import latest_checkpoint, load_checkpoint
+from shardtrain.checkpoint import latest_checkpoint, load_checkpoint, refuse_existing_run
 from shardtrain.config import Config, config_changes, save_config
 from shardtrain.data.batch import BatchOptions
 from shardtrain.data.cache import ShardCache, default_cache_dir
@@ -33,12 +33,13 @@ from shardtrain.data.index import Index, SampleTable, index_hash, load_index, sa
 from shardtrain.data.plan import TrainPlan, check_batch_layout, check_node_layout
 from shardtrain.data.remote import Retry
 from shardtrain.ema import make_ema, split_ema
-from shardtrain.errors import ExitCode, UserError
-from shardtrain.loop import Loop, State
+from shardtrain.errors import DataError, ExitCode, UserError
+from shardtrain.loop import Loop
 from shardtrain.lr_plateau import PlateauLR
 from shardtrain.models import create_model
 from shardtrain.optim import make_optimizer, make_scheduler, param_groups
 from shardtrain.runlock import lock_for_run
+from shardtrain.step import State, plain_module
 from shardtrain.tracking.report import Reporter
 
 
@@ -49,10 +50,23 @@ def resolve_precision(precision: str, cuda: bool) -> str:
     if precision != "auto":
         return precision
     if cuda:
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if gpu_has_native_bf16() else "fp16"
     native = [getattr(torch.cpu, f, lambda: False)()
               for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return "bf16" if any(native) else "no"
+
+
+def gpu_has_native_bf16() -> bool:
+    """Whether this rank's GPU (LOCAL_RANK) computes bf16 natively: compute capability 8+.
+
+    Not torch.cuda.is_bf16_supported(): it asks the current device, which is GPU 0 on every
+    rank before accelerate sets the device, and by default it counts emulation (V100/T4 say
+    True, then run bf16 several times slower than fp16), which it tests by allocating on
+    GPU 0. Reading the device properties creates no CUDA context."""
+    if torch.version.hip:
+        return True  # every ROCm GPU torch supports has bf16
+    index = int(os.environ.get("LOCAL_RANK", 0)) % max(torch.cuda.device_count(), 1)
+    return torch.cuda.get_device_properties(index).major >= 8
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -170,6 +184,8 @@ def build_model(cfg: Config, index: Index, image_size: int) -> tuple[torch.nn.Mo
 
 def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = False) -> dict:
     """Train `cfg` into out_dir; returns the final metrics (also in out_dir/final.json)."""
+    if not resume:  # before any rank can write (the process group forms in make_accelerator)
+        refuse_existing_run(out_dir)
     accelerator = make_accelerator(cfg)
     lock_for_run(out_dir, accelerator)  # one writer per run folder, until this process exits
     ckpt = find_resume(resume, out_dir)
@@ -179,8 +195,11 @@ def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = Fa
     model, meta = build_model(cfg, data.index, data.image_size)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.model.sync_bn and torch.cuda.is_available():  # SyncBN on CPU raises inside DDP
+    if cfg.model.sync_bn and torch.cuda.is_available():
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif cfg.model.sync_bn:  # SyncBatchNorm inside DDP on CPU raises
+        accelerator.print("model.sync_bn=true is ignored on CPU (SyncBatchNorm needs CUDA): each "
+                          "process normalises with its own batch statistics")
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.head_lr_mult)
     o = cfg.optim
     optimizer = make_optimizer(o.name, groups, o.max_lr, o.momentum, o.nesterov, tuple(o.betas))
@@ -193,13 +212,15 @@ def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = Fa
     state = State()
     if ckpt:
         state = restore(ckpt, cfg, data, model, optimizer, scheduler, accelerator, allow_changes)
+        if o.schedule != "plateau":  # a longer/shorter run: see optim.StepSchedule
+            scheduler.lr_lambdas[0].extend(state.step, total_steps)
     torch.manual_seed(cfg.train.seed * 1000 + accelerator.process_index + 1 + state.step)
     if ckpt and "rng" in ckpt:
         restore_rng(ckpt, accelerator)
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    ema = make_ema(accelerator.unwrap_model(model), cfg.train.ema_decay, cfg.train.ema_warmup,
+    ema = make_ema(plain_module(accelerator, model), cfg.train.ema_decay, cfg.train.ema_warmup,
                    ckpt["model"] if ckpt else None)  # None unless train.ema_decay > 0
     if ckpt and accelerator.scaler is not None and ckpt["optim"].get("scaler"):
         accelerator.scaler.load_state_dict(ckpt["optim"]["scaler"])
@@ -258,7 +279,11 @@ def find_resume(resume: str, out_dir: Path) -> dict | None:
     if not resume:
         return None
     if resume == "auto":
-        folder = latest_checkpoint(out_dir / "checkpoints")
+        pointer = out_dir / "checkpoints" / "latest"
+        folder = latest_checkpoint(pointer.parent)
+        if pointer.is_file() and folder is None:  # never restart from 0 over a damaged run
+            raise DataError(f"{pointer} names {pointer.read_text().strip()!r}, which is missing "
+                            f"or incomplete: resume from another checkpoint with --resume PATH")
         return load_checkpoint(folder) if folder else None
     path = Path(resume)
     folder = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else path
@@ -290,7 +315,10 @@ def restore(ckpt: dict, cfg: Config, data: Data, model, optimizer, scheduler, ac
     scheduler.load_state_dict(ckpt["optim"]["scheduler"])
     accelerator.print(f"resumed from step {t['step']} ({t['world_size']} -> "
                       f"{accelerator.num_processes} processes)")
-    return State(**t["state"])
+    state = State(**t["state"])
+    if accelerator.process_index > 0:  # the checkpoint holds the sums over all ranks: once
+        state = replace(state, skipped_samples=0, skipped_micro_batches=0, skipped_examples=[])
+    return state
 
 
 def restore_rng(ckpt: dict, accelerator) -> None:

@@ -31,6 +31,7 @@ from accelerate.utils import set_seed
 from shardtrain.data.batch import prepare_batch
 from shardtrain.data.loader import make_train_loader, train_options
 from shardtrain.optim import make_optimizer, param_groups
+from shardtrain.step import clip_gradients
 from shardtrain.train import build_model, make_accelerator, setup_data
 
 SMOOTHING = 0.9  # EMA beta of the loss curve
@@ -107,10 +108,8 @@ def sweep(cfg, acc, data, model, optimizer, loader, sweep_range, stop_factor):
         with acc.accumulate(model):
             loss = criterion(model(x), y)
             acc.backward(loss)
-            if acc.sync_gradients and cfg.optim.clip_value:
-                acc.clip_grad_value_(model.parameters(), cfg.optim.clip_value)
-            if acc.sync_gradients and cfg.optim.clip_norm:
-                acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
+            if acc.sync_gradients:  # unscales fp16 gradients once, however many clippings
+                clip_gradients(acc, model.parameters(), cfg.optim.clip_value, cfg.optim.clip_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if not acc.sync_gradients:

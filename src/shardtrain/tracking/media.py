@@ -107,7 +107,7 @@ def final_media(loop, total_steps: int, last_eval: dict) -> dict:
     if table is not None and len(table.label):
         # the run's model (the EMA when on); not loop.eval_model(): it syncs BN, a collective
         ema = getattr(loop, "ema", None)
-        model = ema.module if ema is not None else loop.accelerator.unwrap_model(loop.model)
+        model = ema.module if ema is not None else loop.plain
         images, true, probs, ids = sample_predictions(
             model, table, data, loop.accelerator.device, max(GRID, cfg.log.predictions))
         pred = probs.argmax(dim=1).tolist()
