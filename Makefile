@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test test-slow test-slurm test-all lint clean
+.PHONY: install demo test test-slow test-slurm test-gpu test-all lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test-slurm: install
 	status=0; bash slurm/cluster/start.sh && \
 	  $(PY) -m pytest -q -rP -m slurm || status=$$?; \
 	  bash slurm/cluster/stop.sh; exit $$status
+
+test-gpu: install  # GPU checks + table (bench/gpu_check.py); without a GPU: one line, exit 0
+	$(PY) bench/gpu_check.py
 
 test-all: test test-slow test-slurm
 
