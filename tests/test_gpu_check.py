@@ -3,6 +3,7 @@ check (its GPU-only checks report themselves skipped)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -25,10 +26,10 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_0(tmp_path):
 
 
 def test_table_marks_ok_failed_and_skipped():
-    sys.path.insert(0, str(SCRIPT.parent))
-    from gpu_check import format_table
-
-    table = format_table([{"check": "a", "ok": True, "summary": "fine"},
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    table = gpu_check.format_table([{"check": "a", "ok": True, "summary": "fine"},
                           {"check": "b", "ok": False, "summary": "broke"},
                           {"check": "c", "ok": None, "summary": "needs CUDA"}])
     assert table.splitlines()[2:] == ["| a | ok | fine |", "| b | FAILED | broke |",
