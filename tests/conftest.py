@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from shardtrain.data.pack import write_shards
+from skip_guard import pytest_configure  # noqa: F401  (SHARDTRAIN_ALLOWED_SKIPS, for CI)
 
 
 def make_image_folder(

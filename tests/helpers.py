@@ -1,13 +1,23 @@
-"""Run shardtrain as a user would: a plain process or a real `accelerate launch` on CPU."""
+"""Run shardtrain as a user would: a plain process or a real `accelerate launch` on CPU; start a
+run in the background, watch its progress, and signal it at a known step."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
+import pytest
+
+# Timeout of a test that runs shardtrain in subprocesses (pyproject's default, 120 s, is for
+# in-process tests): each subprocess has its own `timeout -s KILL`, this bounds the whole test.
+RUNS = pytest.mark.timeout(900)
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 EMULATE = str(Path(__file__).with_name("emulate.py"))
@@ -54,3 +64,71 @@ def read_json(path: Path) -> dict:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def start(args: list, nproc: int, env: dict | None = None) -> subprocess.Popen:
+    """A training job in the background (stop it with kill_tree)."""
+    return subprocess.Popen(launch_cmd(nproc) + [str(a) for a in args],
+                            env=shardtrain_env(nproc, env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    """Signal the launcher and every descendant: torch elastic starts its workers in their own
+    sessions, so killing the launcher's process group would leave them training as orphans."""
+    try:
+        victims = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for pid in victims:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def logged_steps(out: Path) -> list[int]:
+    """Optimizer steps in RUN_DIR/metrics.jsonl, complete lines only (it may be mid-write)."""
+    path = Path(out) / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    lines = text.splitlines()[: text.count("\n")]
+    return [r["step"] for r in map(json.loads, filter(None, lines)) if r["kind"] == "step"]
+
+
+def wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float = 180) -> int:
+    """Poll metrics.jsonl until `step` is logged; return the last logged step."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = logged_steps(out)
+        if steps and steps[-1] >= step:
+            return steps[-1]
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.01)
+    kill_tree(proc)
+    raise AssertionError("timed out waiting for training progress")
+
+
+def signal_at_known_step(out: Path, proc: subprocess.Popen, sig: int, after: int,
+                         every: int = 1) -> int:
+    """Send `sig` to the whole job while it is frozen, so the step that handles it is known.
+
+    With train.log_every=1, step k is logged only after the job checked for a signal at step k;
+    so a job frozen (SIGSTOP) with k logged checks next after step k + 1 (1 process) or at the
+    next multiple of Preemption.CHECK_EVERY = `every` (several processes). Returns that step.
+    With several processes a freeze at k + 1 = that multiple may have caught rank 0 inside the
+    agreement, its "no signal" already sent: then thaw and freeze again.
+    """
+    wait_for_step(out, proc, after)
+    while True:
+        kill_tree(proc, signal.SIGSTOP)
+        last = logged_steps(out)[-1]
+        expected = (last // every + 1) * every
+        if every == 1 or expected > last + 1:
+            break
+        kill_tree(proc, signal.SIGCONT)
+        wait_for_step(out, proc, last + 1)
+    kill_tree(proc, sig)
+    kill_tree(proc, signal.SIGCONT)
+    return expected

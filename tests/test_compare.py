@@ -4,6 +4,9 @@ import json
 
 import pytest
 import yaml
+from PIL import Image
+
+from shardtrain.tracking import compare
 
 from shardtrain.tracking.compare import compare_runs
 from shardtrain.errors import UserError
@@ -33,7 +36,10 @@ def write_run(run_dir, max_lr, epochs_acc, test_acc, data_path):
     return run_dir
 
 
-def test_compare_two_runs(tmp_path):
+def test_compare_two_runs(tmp_path, monkeypatch):
+    drawn = []
+    real_save = compare.save
+    monkeypatch.setattr(compare, "save", lambda fig, out: drawn.append(fig) or real_save(fig, out))
     a = write_run(tmp_path / "lr-0.01", 0.01, [0.80, 0.85, 0.90], 0.9012, "/data/a")
     b = write_run(tmp_path / "lr-0.02", 0.02, [0.82, 0.91, 0.89], 0.8876, "/data/b")
     table = compare_runs([a, b], tmp_path / "cmp.png")
@@ -44,8 +50,13 @@ def test_compare_two_runs(tmp_path):
     assert set(rule) <= {"-", " "}
     assert row_a.split() == ["lr-0.01", "0.01", "0.9", "0.9", "0.9012", "30", "12.5"]
     assert row_b.split() == ["lr-0.02", "0.02", "0.91", "0.89", "0.8876", "30", "12.5"]
-    png = (tmp_path / "cmp.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    with Image.open(tmp_path / "cmp.png") as image:
+        assert image.format == "PNG" and image.width >= 600
+    acc, loss = ({line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                  for line in ax.get_lines()} for ax in drawn[0].axes)
+    assert acc == {"lr-0.01": ([1, 2, 3], [0.80, 0.85, 0.90]),  # val acc per epoch, each run
+                   "lr-0.02": ([1, 2, 3], [0.82, 0.91, 0.89])}
+    assert loss["lr-0.02"][1] == pytest.approx([0.18, 0.09, 0.11])  # val loss (1 - acc here)
 
 
 def test_compare_rejects_non_run_folder(tmp_path):

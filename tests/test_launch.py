@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # 3 launches of <= 5 min
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "tests" / "recipes" / "slurm-tiny.yaml"

@@ -36,11 +36,46 @@ def test_schedule_closed_form(schedule, total, warmup_frac):
     assert lr_factor(total + 5, total, schedule, warmup_frac, DIV, FINAL) == END
 
 
-def test_onecycle_matches_torch_shape():
-    f = factors(1000, "onecycle", 0.25)
-    assert f[125] == pytest.approx(1 / DIV + (1 - 1 / DIV) / 2, rel=1e-3)  # half-way up
-    cosine = factors(1000, "cosine", 0.25)
-    assert cosine[125] == pytest.approx((1 / DIV + 1) / 2, rel=1e-3)  # linear warm-up
+def torch_onecycle(total: int, pct_start: float) -> list[float]:
+    """torch.optim.lr_scheduler.OneCycleLR factors (max_lr 1), read before each optimizer step."""
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=1.0, total_steps=total, pct_start=pct_start, div_factor=DIV,
+        final_div_factor=FINAL, anneal_strategy="cos", cycle_momentum=False)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("total,warmup_frac", [(1001, 0.25), (48, 0.25), (7, 0.5), (101, 0.3),
+                                                (10, 0.1)])
+def test_onecycle_is_torch_onecyclelr_over_the_whole_curve(total, warmup_frac):
+    """Same curve as torch's OneCycleLR (cos anneal, two phases), warm-up and decay, every step.
+
+    The peak is placed differently: ours at step round(warmup_frac * (total - 1)), torch's at
+    step pct_start * total - 1, so pct_start = (warm + 1) / total gives the same schedule.
+    (torch cannot express warm = 0, i.e. warmup_frac=0 starting at the peak: it divides by 0.)
+    """
+    ours = factors(total, "onecycle", warmup_frac)
+    warm = round(warmup_frac * (total - 1))
+    assert ours == pytest.approx(torch_onecycle(total, (warm + 1) / total), rel=1e-12, abs=0)
+    # the decay half by itself: half-way from the peak to the last step, the cosine is at half
+    last = total - 1
+    if (last - warm) % 2 == 0:
+        assert ours[(warm + last) // 2] == pytest.approx((1 + END) / 2, rel=1e-12)
+    assert ours[warm] == 1.0 and ours[-1] == END
+
+
+def test_warmup_shapes_at_their_midpoints():
+    f = factors(1001, "onecycle", 0.25)  # warm = 250
+    assert f[125] == pytest.approx(1 / DIV + (1 - 1 / DIV) / 2, rel=1e-12)  # cosine rise
+    cosine = factors(1001, "cosine", 0.25)
+    assert cosine[125] == pytest.approx((1 / DIV + 1) / 2, rel=1e-12)  # linear warm-up
+    assert cosine[250:] == f[250:]  # same cosine decay
 
 
 def test_constant_schedule():

@@ -251,12 +251,17 @@ def test_to_mode_conversions():
     assert int(np.asarray(to_mode(Image.new("RGB", (2, 2), (0, 255, 0)), 1))[0, 0]) == 150
 
 
-def test_decompression_bomb_is_an_error(monkeypatch):
+@pytest.mark.parametrize("fmt,ext", [("PNG", "png"), ("JPEG", "jpg")])
+@pytest.mark.parametrize("max_pixels", [1000, 3000])  # 4096 px: PIL's error (> 2x), its warning
+def test_decompression_bomb_is_an_error_on_the_fast_paths_too(monkeypatch, fmt, ext, max_pixels):
+    """A plain gray PNG/JPEG would go to libpng/libjpeg-turbo, which have no pixel limit: the
+    fast path must check PIL's MAX_IMAGE_PIXELS itself and leave the image to PIL's guard."""
     buf = io.BytesIO()
-    Image.new("L", (64, 64)).save(buf, format="PNG")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("L", (64, 64)).save(buf, format=fmt)
+    assert decode_image(buf.getvalue(), ext, 1).shape == (1, 64, 64)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", max_pixels)
     with pytest.raises(ValueError, match="decompression bomb"):
-        decode_image(buf.getvalue(), "png", 1)
+        decode_image(buf.getvalue(), ext, 1)
 
 
 def _pil_decode(data: bytes, channels: int) -> np.ndarray:

@@ -1,10 +1,12 @@
-"""plots.py: every helper writes a real PNG."""
+"""plots.py: every helper draws the data it is given (read back from the figure) into a PNG."""
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
+from shardtrain.tracking import plots
 from shardtrain.tracking.plots import plot_confusion, plot_curves, prediction_grid
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def metrics_records(epochs: int = 3, steps_per_epoch: int = 4) -> list[dict]:
@@ -21,25 +23,77 @@ def metrics_records(epochs: int = 3, steps_per_epoch: int = 4) -> list[dict]:
     return records
 
 
-def is_png(path) -> bool:
-    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
+@pytest.fixture
+def figures(monkeypatch):
+    """Every Figure plots.save() writes, keyed by file name (the PNG is still written)."""
+    saved = {}
+    real_save = plots.save
+
+    def keep(fig, out_png):
+        path = real_save(fig, out_png)
+        saved[path.name] = fig
+        return path
+
+    monkeypatch.setattr(plots, "save", keep)
+    return saved
 
 
-def test_plot_curves(tmp_path):
-    paths = plot_curves(metrics_records(), tmp_path / "plots")
+def png_size(path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        image.verify()  # a complete, valid PNG
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def lines_of(fig) -> dict:
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in fig.axes[0].get_lines()}
+
+
+def test_plot_curves_draw_the_metrics(tmp_path, figures):
+    records = metrics_records()
+    paths = plot_curves(records, tmp_path / "plots")
     assert [p.name for p in paths] == ["accuracy.png", "loss.png", "lr.png"]
-    assert all(is_png(p) for p in paths)
+    assert all(png_size(p) == (600, 400) for p in paths)
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert lines_of(figures["lr.png"]) == {
+        "lr": ([r["step"] for r in steps], [r["train/lr"] for r in steps])}
+    assert lines_of(figures["accuracy.png"]) == {
+        "val acc": ([1, 2, 3], [r["val/acc"] for r in epochs])}
+    assert lines_of(figures["loss.png"]) == {
+        "train loss": ([1, 2, 3], [r["train/epoch_loss"] for r in epochs]),
+        "val loss": ([1, 2, 3], [r["val/loss"] for r in epochs])}
+    assert figures["lr.png"].axes[0].get_xlabel() == "optimizer step"
 
 
-def test_plot_confusion(tmp_path):
-    out = plot_confusion([[5, 1, 0], [2, 7, 1], [0, 0, 9]], ["a", "b", "c"], tmp_path / "cm.png")
-    assert is_png(out)
+def test_plot_confusion_draws_the_counts(tmp_path, figures):
+    matrix = [[5, 1, 0], [2, 7, 1], [0, 0, 9]]
+    out = plot_confusion(matrix, ["a", "b", "c"], tmp_path / "cm.png")
+    assert out.is_file() and png_size(out)[0] >= 400
+    ax = figures["cm.png"].axes[0]
+    np.testing.assert_array_equal(ax.get_images()[0].get_array(), matrix)
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text()
+             for t in ax.texts}
+    assert cells == {(i, j): str(matrix[i][j]) for i in range(3) for j in range(3)}
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
 
 
-def test_prediction_grid(tmp_path):
+def test_prediction_grid_shows_each_image_with_pred_and_true(tmp_path, figures):
     gen = torch.Generator().manual_seed(0)
+    classes = ["cat", "dog"]
+    true, pred = [0, 1] * 5, [0, 0] * 5
     for channels in (1, 3):
         images = torch.randint(0, 256, (10, channels, 16, 16), dtype=torch.uint8, generator=gen)
-        out = prediction_grid(images, [0, 1] * 5, [0, 0] * 5, ["cat", "dog"],
-                              tmp_path / f"grid{channels}.png")
-        assert is_png(out)
+        out = prediction_grid(images, true, pred, classes, tmp_path / f"grid{channels}.png")
+        assert png_size(out) == (8 * 160, 2 * 180)
+        axes = figures[out.name].axes
+        assert len(axes) == 10
+        for i, ax in enumerate(axes):
+            shown = np.asarray(ax.get_images()[0].get_array())
+            expected = images[i].permute(1, 2, 0).numpy()
+            np.testing.assert_array_equal(shown, expected[:, :, 0] if channels == 1 else expected)
+            title = ax.title
+            assert title.get_text() == f"{classes[pred[i]]}\n({classes[true[i]]})"
+            assert title.get_color() == ("green" if pred[i] == true[i] else "red")

@@ -1,4 +1,5 @@
-"""EMA, mixup/cutmix, random erasing, RandAugment/TrivialAugment, TTA and head_lr_mult."""
+"""EMA, mixup/cutmix, random erasing, RandAugment/TrivialAugment, TTA and head_lr_mult, as pure
+functions and modules (in real training runs: test_regularize_runs.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from shardtrain.data.transforms import apply_policy, random_erase, sample_genera
 from shardtrain.ema import EMA, ema_decay_at, split_ema
 from shardtrain.data.mix import mix_batch, mix_rng
 from shardtrain.optim import make_optimizer, make_scheduler, param_groups
-from shardtrain.tta import make_tta, tta_logits, tta_views
+from shardtrain.tta import make_tta, tta_logits
 
 
 # ---- EMA ----------------------------------------------------------------------------------
@@ -42,7 +43,34 @@ def test_ema_equals_closed_form_average_of_weights_and_buffers():
         torch.testing.assert_close(value, expected)
 
 
-def test_ema_warmup_and_state_round_trip():
+def test_ema_warmup_ramps_the_decay_as_1_plus_n_over_warmup_plus_n():
+    """The EMA's tensors themselves (not ema_decay_at): update n >= 1 uses
+    d_n = min(decay, (1 + n) / (warmup + n)), so early updates follow the weights closely."""
+    torch.manual_seed(0)
+    model, decay, warmup = toy_model(), 0.99, 10
+    ema = EMA(model, decay, warmup=warmup)
+    expected = None
+    for n in range(8):
+        with torch.no_grad():
+            model[0].weight.copy_(torch.randn(2, 3))
+        ema.update(model)
+        w = model[0].weight.detach().clone()
+        d = min(decay, (1 + n) / (warmup + n))  # 2/11, 3/12, ... (update 0 copies)
+        expected = w if n == 0 else d * expected + (1 - d) * w
+        torch.testing.assert_close(ema.module[0].weight, expected)
+    no_warmup = EMA(model, decay)  # warmup=0: the plain decay from the first update on
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    no_warmup.update(model)
+    torch.testing.assert_close(no_warmup.module[0].weight, model[0].weight)  # copy
+    old = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    no_warmup.update(model)
+    torch.testing.assert_close(no_warmup.module[0].weight, decay * old + (1 - decay) * (old + 1))
+
+
+def test_ema_state_round_trip():
     assert ema_decay_at(1, 0.999, 10) == pytest.approx(2 / 11)  # (1+n)/(10+n)
     assert ema_decay_at(10_000, 0.999, 10) == 0.999
     assert ema_decay_at(1, 0.999, 0) == 0.999
@@ -123,28 +151,62 @@ def test_random_erasing_is_deterministic_and_erases_with_its_probability():
 
 
 # ---- test-time augmentation ---------------------------------------------------------------
-class FlipInvariant(nn.Module):
-    """Logits from row sums: a horizontal flip does not change them."""
+class Recorder(nn.Module):
+    """An asymmetric model (a linear map of every pixel) that keeps each input it is given."""
 
-    def __init__(self):
+    def __init__(self, channels=3, size=16, classes=4):
         super().__init__()
-        self.fc = nn.Linear(3 * 16, 4)
+        self.fc = nn.Linear(channels * size * size, classes)
+        self.seen: list[torch.Tensor] = []
 
     def forward(self, x):
-        return self.fc(x.sum(dim=3).flatten(1))
+        self.seen.append(x.clone())
+        return self.fc(x.flatten(1))
 
 
-def test_tta_of_a_flip_invariant_model_equals_plain_eval():
+def reflect(i: int, n: int) -> int:
+    """Index i mirrored into 0..n-1 without repeating the edge (numpy/torch "reflect")."""
+    i = -i if i < 0 else i
+    return 2 * (n - 1) - i if i > n - 1 else i
+
+
+def naive_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The TTA views by index arithmetic: hflip = columns reversed; a shift by d moves content
+    d px down and right, out[i, j] = x[reflect(i - d), reflect(j - d)]."""
+    H, W = x.shape[-2:]
+    flipped = x[..., torch.arange(W - 1, -1, -1)]
+
+    def shift(v, d):
+        rows = torch.tensor([reflect(i - d, H) for i in range(H)])
+        cols = torch.tensor([reflect(j - d, W) for j in range(W)])
+        return v[..., rows, :][..., cols]
+
+    views = [x, flipped]
+    if mode == "flip_translate":
+        views += [shift(v, d) for v in (x, flipped) for d in (2, -2)]
+    return views
+
+
+@pytest.mark.parametrize("mode,n_views", [("flip", 2), ("flip_translate", 6)])
+def test_tta_averages_the_softmax_of_really_flipped_and_shifted_views(mode, n_views):
     torch.manual_seed(0)
-    model, (x, _) = FlipInvariant(), batch()
-    plain = model(x).softmax(dim=1)
-    torch.testing.assert_close(tta_logits(model, x, "flip").softmax(dim=1), plain)
-    assert len(tta_views(x, "flip_translate")) == 6 and make_tta("none") is None
-    transform = make_tta("flip")
-    torch.testing.assert_close(transform(model, x).exp(), plain)
+    model, (x, _) = Recorder(), batch()
+    expected_views = naive_views(x, mode)
+    got = tta_logits(model, x, mode)
+    assert len(model.seen) == n_views and len(expected_views) == n_views
+    for view in expected_views:  # each view was given to the model (order does not matter)
+        assert any(torch.equal(view, seen) for seen in model.seen)
+    assert len({v.numpy().tobytes() for v in model.seen}) == n_views  # all distinct
+    with torch.no_grad():
+        probs = torch.stack([model.fc(v.flatten(1)).softmax(dim=1) for v in expected_views])
+        plain = model.fc(x.flatten(1)).log_softmax(dim=1)
+    torch.testing.assert_close(got, probs.mean(dim=0).log())
+    assert (got - plain).abs().max() > 1e-3  # an asymmetric model: TTA changes the output
+    assert make_tta("none") is None
+    torch.testing.assert_close(make_tta(mode)(model, x), got)
 
 
-def test_tta_in_evaluate_equals_plain_accuracy_for_a_flip_invariant_model():
+def test_evaluate_with_tta_scores_the_averaged_views():
     from accelerate import Accelerator
 
     from shardtrain.data.batch import BatchOptions
@@ -155,11 +217,22 @@ def test_tta_in_evaluate_equals_plain_accuracy_for_a_flip_invariant_model():
     loader = [{"images": torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=g),
                "labels": torch.randint(0, 4, (8,), generator=g), "skipped": []}
               for _ in range(3)]
-    opts = BatchOptions(torch.full((3,), 0.5), torch.full((3,), 0.25), "standardize")
-    acc, model = Accelerator(cpu=True), FlipInvariant()
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    opts = BatchOptions(mean, std, "standardize")
+    acc, model = Accelerator(cpu=True), Recorder()
     plain = evaluate(model, loader, acc, opts, 4)
-    tta = evaluate(model, loader, acc, opts, 4, transform=make_tta("flip"))
-    assert tta["acc"] == plain["acc"] and tta["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    tta = evaluate(model, loader, acc, opts, 4, transform=make_tta("flip_translate"))
+    # by hand: normalise, average the softmax of the 6 naive views, score
+    x = torch.cat([b["images"] for b in loader]).float() / 255
+    x = (x - mean[:, None, None]) / std[:, None, None]
+    y = torch.cat([b["labels"] for b in loader])
+    with torch.no_grad():
+        probs = torch.stack([model.fc(v.flatten(1)).softmax(dim=1)
+                             for v in naive_views(x, "flip_translate")]).mean(dim=0)
+    assert tta["samples"] == plain["samples"] == 24
+    assert tta["acc"] == pytest.approx(float((probs.argmax(dim=1) == y).float().mean()))
+    assert tta["loss"] == pytest.approx(float(nn.functional.nll_loss(probs.log(), y)), rel=1e-5)
+    assert tta["loss"] != pytest.approx(plain["loss"], rel=1e-3)
 
 
 # ---- head learning-rate multiplier --------------------------------------------------------
@@ -178,49 +251,3 @@ def test_head_lr_mult_gives_the_head_groups_a_multiplied_lr():
         in_head = {id(p) in head for p in group["params"]}
         assert len(in_head) == 1  # a group is all head or all backbone
         assert group["lr"] == pytest.approx(1.0 if in_head == {True} else 0.1)
-
-
-# ---- in a real training run ---------------------------------------------------------------
-EXTRAS = ["train.ema_decay=0.9", "train.ema_warmup=10", "train.tta=flip_translate",
-          "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0", "augment.random_erasing=0.25",
-          "augment.policy=randaugment", "optim.label_smoothing=0.1"]
-
-
-def run_train(data, out, recipe, *overrides, nproc=1):
-    from helpers import run_shardtrain
-
-    return run_shardtrain(["train", "--recipe", recipe, "--data", data, "--out", out,
-                           *EXTRAS, *overrides], nproc=nproc)
-
-
-def test_ema_run_saves_ema_weights_reports_raw_and_tta_and_resumes(learnable_shards,
-                                                                   tiny_recipe, tmp_path):
-    from safetensors.torch import load_file
-
-    from helpers import read_json
-
-    out = tmp_path / "run"
-    run_train(learnable_shards, out, tiny_recipe, "train.epochs=1")
-    final = read_json(out / "final.json")
-    for key in ("test_acc", "test_acc_raw", "test_acc_tta", "val_acc_raw", "val_acc_tta"):
-        assert 0 <= final[key] <= 1, key
-    ckpt = load_file(out / "checkpoints" / "step-000012" / "model.safetensors")
-    assert int(ckpt["ema.n_averaged"]) == 12
-    saved = load_file(out / "model.safetensors")  # the run's model is the EMA
-    assert saved.keys() == {k[4:] for k in ckpt if k.startswith("ema.") and k != "ema.n_averaged"}
-    for key, value in saved.items():
-        assert torch.equal(value, ckpt[f"ema.{key}"]), key
-    run_train(learnable_shards, out, tiny_recipe, "train.epochs=2", "--resume", "auto")
-    ckpt = load_file(out / "checkpoints" / "step-000024" / "model.safetensors")
-    assert int(ckpt["ema.n_averaged"]) == 24  # the average continued, not restarted
-
-
-def test_ema_and_mixing_on_two_processes_keep_ranks_identical(learnable_shards, tiny_recipe,
-                                                              tmp_path):
-    from helpers import read_json
-
-    out = tmp_path / "run2"
-    run_train(learnable_shards, out, tiny_recipe, "train.epochs=1", nproc=2)
-    final = read_json(out / "final.json")
-    assert final["world_size"] == 2 and final["ranks_identical"] is True  # model and EMA
-    assert "test_acc_tta" in final and "test_acc_raw" in final

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import launch_cmd, read_json, read_jsonl, run_shardtrain, shardtrain_env
+from helpers import (RUNS, kill_tree, logged_steps, read_json, read_jsonl, run_shardtrain,
+                     signal_at_known_step, start, wait_for_step)
 from shardtrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+pytestmark = RUNS  # real training subprocesses
 
 # dropout on: the global RNG must be restored too for a bitwise-identical resume
 COMMON = ["train.epochs=3", "train.checkpoint_every=5", "train.log_every=1",
@@ -25,40 +24,6 @@ COMMON = ["train.epochs=3", "train.checkpoint_every=5", "train.log_every=1",
 
 def train_args(data, out, recipe, *extra):
     return ["train", "--recipe", recipe, "--data", data, "--out", out, *COMMON, *extra]
-
-
-def start(args, nproc, env=None):
-    return subprocess.Popen(launch_cmd(nproc) + [str(a) for a in args],
-                            env=shardtrain_env(nproc, env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def wait_for_step(out: Path, proc, step: int, timeout: float = 180) -> int:
-    """Poll metrics.jsonl until `step` is logged; return the last logged step."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        path = out / "metrics.jsonl"
-        if path.exists():
-            steps = [r["step"] for r in read_jsonl(path) if r["kind"] == "step"]
-            if steps and steps[-1] >= step:
-                return steps[-1]
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early {proc.returncode}: {proc.stderr.read()[-3000:]}")
-        time.sleep(0.01)
-    kill_tree(proc)
-    raise AssertionError("timed out waiting for training progress")
-
-
-def kill_tree(proc, sig=signal.SIGKILL) -> None:
-    """Signal the launcher and every descendant: torch elastic starts its workers in their own
-    sessions, so killing the launcher's process group would leave them training as orphans."""
-    victims = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-    for pid in victims:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -91,18 +56,19 @@ def test_kill_9_between_checkpoints_then_resume_is_bitwise_identical(
 
 
 def test_preempted_run_resumes_with_another_world_size(learnable_shards, tiny_recipe, tmp_path):
-    """SIGUSR1 -> checkpoint at the current step, exit 75; resume on 2 processes finishes."""
+    """SIGUSR1 -> checkpoint at the step that handled it, exit 75; resume on 2 processes."""
     out = tmp_path / "run"
     # loader workers running: SLURM signals every process, they must not die of it
     proc = start(train_args(learnable_shards, out, tiny_recipe, "data.workers=2"), nproc=1)
-    wait_for_step(out, proc, 3)
-    kill_tree(proc, signal.SIGUSR1)
+    handled = signal_at_known_step(out, proc, signal.SIGUSR1, after=3)
     assert proc.wait(timeout=120) == 75, proc.stderr.read()[-2000:]
+    assert f"preempted: checkpoint at step {handled}," in proc.stdout.read() + proc.stderr.read()
     saved = load_checkpoint(latest_checkpoint(out / "checkpoints"))["trainer"]
-    assert saved["step"] >= 3 and saved["world_size"] == 1
+    assert saved["step"] == handled and saved["world_size"] == 1
+    assert logged_steps(out)[-1] == handled  # it stopped there: no step after the signal
     result = run_shardtrain(train_args(learnable_shards, out, tiny_recipe, "data.workers=2",
                                        "--resume", "auto"), nproc=2)
-    assert "resumed from step" in result.stdout + result.stderr
+    assert f"resumed from step {handled} (1 -> 2 processes)" in result.stdout + result.stderr
     final = read_json(out / "final.json")
     assert final["steps"] == 36 and final["world_size"] == 2
     lrs = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]

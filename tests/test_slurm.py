@@ -60,7 +60,7 @@ def cluster_problem() -> str:
     return ""
 
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]  # jobs of <= 5 min each
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from fake_wandb_server import FakeWandbServer
-from helpers import read_json, read_jsonl, run_shardtrain
+from helpers import (RUNS, kill_tree, logged_steps, read_json, read_jsonl, run_shardtrain, start,
+                     wait_for_step)
+from shardtrain.checkpoint import latest_checkpoint, load_checkpoint
 from shardtrain.data.index import index_hash, load_index
 from shardtrain.tracking.sweep import (
     grid_points,
@@ -28,12 +32,14 @@ from shardtrain.tracking.sweep import (
     point_name,
     point_overrides,
 )
-from wandb_offline import find_offline_runs, read_offline_runs_by_id
+from wandb_offline import find_offline_runs, read_offline_run, read_offline_runs_by_id
 
 pytest.importorskip("wandb")
 
 MEDIA = {"media/predictions", "media/confusion_matrix", "media/lr_schedule", "media/weights",
          "media/prediction_table", "media/confusion_chart_table"}
+
+pytestmark = RUNS  # real training subprocesses
 
 
 def train(data, out, recipe, *args, nproc=1):
@@ -50,8 +56,12 @@ def same(a, b) -> bool:
 @pytest.fixture(scope="module")
 def two_process_run(learnable_shards, tiny_recipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("track") / "run2"
+    # checkpoint_every as in the resumed test below: on 2 processes each checkpoint averages
+    # the BN running statistics of the ranks (evaluate.sync_bn_stats), which then differ from
+    # what DDP's buffer broadcast alone gives; the weights do not depend on it
     train(learnable_shards, out, tiny_recipe, "train.epochs=2", "log.wandb=true",
-          "log.tags=[t1,t2]", "log.histograms=true", "log.predictions=24", nproc=2)
+          "log.tags=[t1,t2]", "log.histograms=true", "log.predictions=24",
+          "train.checkpoint_every=5", nproc=2)
     return out
 
 
@@ -190,24 +200,102 @@ def test_resumed_run_continues_the_same_wandb_run(learnable_shards, tiny_recipe,
 
     assert versions(server.artifacts) == versions(run.artifacts)  # every one, uploaded
     assert all(a["committed"] for a in server.artifacts)
+
+
+def kill_between_checkpoints(out, proc, after: int) -> tuple[int, int]:
+    """SIGKILL the job, frozen at a moment when it has logged steps past its latest checkpoint
+    and is mid-epoch (12 steps an epoch); returns (last logged step, checkpoint step)."""
+    wait_for_step(out, proc, after)
+    while True:
+        kill_tree(proc, signal.SIGSTOP)
+        logged = logged_steps(out)[-1]
+        ckpt = latest_checkpoint(out / "checkpoints")
+        saved = load_checkpoint(ckpt)["trainer"]["step"] if ckpt else 0
+        if saved < logged and logged % 12:
+            break
+        kill_tree(proc, signal.SIGCONT)
+        wait_for_step(out, proc, logged + 1)
+    kill_tree(proc)
+    proc.wait()
+    return logged, saved
+
+
+def test_two_process_run_killed_mid_epoch_resumes_the_same_wandb_run(
+        learnable_shards, tiny_recipe, tmp_path, two_process_run):
+    """kill -9 between checkpoints on 2 processes, then --resume auto: one W&B run id whose two
+    segments hold every step 1..24 exactly once, and bitwise the model of the uninterrupted
+    two_process_run (same checkpoint_every; log_every does not change training).
+
+    The killed job's W&B writer dies with it, losing what it had not flushed (often all of it);
+    the resumed job re-sends the steps after the last one W&B holds from metrics.jsonl."""
+    out = tmp_path / "resumed"
+    args = ["train", "--recipe", tiny_recipe, "--data", learnable_shards, "--out", out,
+            "train.epochs=2", "log.wandb=true", "log.tags=[t1,t2]", "train.log_every=1",
+            "train.checkpoint_every=5"]
+    logged, saved = kill_between_checkpoints(out, start(args, nproc=2), after=6)
+    assert not (out / "final.json").exists()
+    run_shardtrain(args + ["--resume", "auto"], nproc=2, timeout=240)
+    final = read_json(out / "final.json")
+    assert final["steps"] == 24 and final["world_size"] == 2
+    first, second = sorted((read_offline_run(f, wait_seconds=10) for f in
+                            find_offline_runs(out / "wandb")), key=lambda r: r.start_time)
+    assert second.run_id == final["wandb_run_id"] and first.run_id in ("", second.run_id)
+    steps1 = [r["_step"] for r in first.history]  # read one segment at a time: no merging
+    steps2 = [r["_step"] for r in second.history]
+    print(f"checkpoint {saved}, logged {logged}; W&B segments: {steps1} + {steps2}")
+    assert steps1 == list(range(1, len(steps1) + 1)) and len(steps1) <= logged
+    assert steps2 == list(range(len(steps1) + 1, 25))
+    merged = read_offline_runs_by_id(out / "wandb", final["wandb_run_id"], wait_seconds=10)
+    rows = {r["_step"]: r for r in merged.history}
+    for record in read_jsonl(out / "metrics.jsonl"):  # the resumed job's values, every step
+        for key, value in record.items():
+            if key not in ("kind", "step", "epoch"):
+                assert same(rows[record["step"]][key], value), (record["step"], key)
+    assert merged.summary["steps"] == 24 and merged.config["train"]["epochs"] == 2
+    a, b = load_file(two_process_run / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_json(two_process_run / "final.json")["test_acc"] == final["test_acc"]
     # a `compare` of two real runs: both rows, and the PNG
     png = tmp_path / "cmp.png"
     result = run_shardtrain(["compare", two_process_run, out, "--png", png])
     assert "run2" in result.stdout and "resumed" in result.stdout and png.is_file()
 
 
-def test_two_point_sweep_trains_both_and_compares(learnable_shards, tiny_recipe, tmp_path):
+def test_resume_reads_metrics_up_to_a_torn_last_line(tmp_path):
+    from shardtrain.tracking.report import read_metrics, truncate_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "step", "step": 1}\n{"kind": "step", "step": 2}\n{"kind": "st')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]  # killed while appending step 3
+    truncate_after(path, 1)
+    assert path.read_text() == '{"kind": "step", "step": 1}\n'
+
+
+def test_sweep_trains_every_point_and_a_rerun_resumes_only_the_interrupted_one(
+        learnable_shards, tiny_recipe, tmp_path):
     out = tmp_path / "sw"
-    result = run_shardtrain(["sweep", "--recipe", tiny_recipe, "--data", learnable_shards,
-                             "--grid", "optim.max_lr=0.005,0.02", "--out", out, "--name", "lr2",
-                             "train.epochs=1"], timeout=240)
-    dirs = sorted(p for p in out.iterdir() if p.name.startswith("point-"))
-    assert [d.name for d in dirs] == ["point-00-max_lr-0.005", "point-01-max_lr-0.02"]
+    args = ["sweep", "--recipe", tiny_recipe, "--data", learnable_shards, "--grid",
+            "optim.max_lr=0.005,0.02", "--out", out, "--name", "lr2", "train.epochs=1",
+            "train.log_every=1", "train.checkpoint_every=5"]
+    first, second = out / "point-00-max_lr-0.005", out / "point-01-max_lr-0.02"
+    # the sweep killed (kill -9, whole process tree) while its second point is between
+    # checkpoints: the first point finished, the second has a checkpoint and no final.json
+    proc = start(args, nproc=1)
+    wait_for_step(second, proc, 1, timeout=240)
+    logged, saved = kill_between_checkpoints(second, proc, after=6)
+    done = (first / "final.json").read_bytes()
+    assert not (second / "final.json").exists() and 0 < saved < logged < 12
+    result = run_shardtrain(args, timeout=240)  # the same command again
+    output = result.stdout + result.stderr
+    assert output.count("resumed from step") == 1 and f"resumed from step {saved} " in output
+    assert (first / "final.json").read_bytes() == done  # finished point: not trained again
+    steps = [r["step"] for r in read_jsonl(second / "metrics.jsonl") if r["kind"] == "step"]
+    assert steps == list(range(1, 13))
     table = (out / "compare.txt").read_text()
     assert table in result.stdout and (out / "compare.png").is_file()
     assert (out / "weights.png").is_file()
-    assert all(d.name in table for d in dirs) and "optim.max_lr" in table
-    for d in dirs:
+    assert first.name in table and second.name in table and "optim.max_lr" in table
+    for d in (first, second):
         cfg = yaml.safe_load((d / "config.yaml").read_text())
         assert cfg["log"]["group"] == "lr2" and cfg["log"]["tags"] == ["sweep", "lr2"]
         assert read_json(d / "final.json")["steps"] == 12

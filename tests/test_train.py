@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import read_json, read_jsonl, run_shardtrain
+from helpers import RUNS, read_json, read_jsonl, run_shardtrain
 from shardtrain.data.index import load_index
+
+pytestmark = RUNS  # real training subprocesses
 
 RUN_FILES = ["config.yaml", "metrics.jsonl", "model.safetensors", "final.json", "eval.json",
              "checkpoints/latest", "checkpoints/best.safetensors", "plots/accuracy.png",
@@ -21,7 +27,7 @@ def train(data, out, recipe, *overrides, nproc=1, **kw):
 @pytest.fixture(scope="module")
 def one_process_run(learnable_shards, tiny_recipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("run1") / "run"
-    result = train(learnable_shards, out, tiny_recipe, "train.epochs=4")
+    result = train(learnable_shards, out, tiny_recipe, "train.epochs=4", "train.log_every=1")
     return out, result
 
 
@@ -40,12 +46,38 @@ def test_one_process_learns_and_writes_every_run_file(one_process_run, learnable
     assert "test_acc=" in result.stdout and str(out) in result.stdout
 
 
-def test_lr_schedule_ends_at_its_minimum_on_the_last_step(one_process_run):
+def test_lr_schedule_is_torch_onecycle_and_ends_at_its_minimum(one_process_run):
     out, _ = one_process_run
     steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
     max_lr, div, final_div = 0.01, 25.0, 1e4
-    assert steps[-1]["step"] == 48
+    assert [r["step"] for r in steps] == list(range(1, 49))
+    # torch's OneCycleLR with the peak at the same step (test_optim: round(0.25 * 47) = 12)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=max_lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr, total_steps=48, pct_start=13 / 48,
+                                                cycle_momentum=False)
+    reference = []
+    for _ in range(48):
+        reference.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [r["train/lr"] for r in steps] == pytest.approx(reference, rel=1e-9)
     assert steps[-1]["train/lr"] == pytest.approx(max_lr / (div * final_div), rel=1e-9)
+
+
+def test_bf16_autocast_really_runs_in_bf16(one_process_run, learnable_shards, tiny_recipe,
+                                           tmp_path):
+    """Same weights, same first batch: the first loss differs from fp32 (bf16 matmuls round to
+    8 bits of mantissa) but stays close; `steps == 4` alone would pass with autocast off."""
+    fp32 = read_jsonl(one_process_run[0] / "metrics.jsonl")[0]
+    out = tmp_path / "bf16"
+    train(learnable_shards, out, tiny_recipe, "train.precision=bf16", "train.max_steps=2",
+          "train.log_every=1", "log.plots=false")
+    bf16 = read_jsonl(out / "metrics.jsonl")[0]
+    assert fp32["step"] == bf16["step"] == 1
+    assert bf16["train/loss"] != fp32["train/loss"]
+    assert bf16["train/loss"] == pytest.approx(fp32["train/loss"], rel=0.05)
+    assert read_json(out / "final.json")["steps"] == 2
 
 
 def test_two_processes_match_eval_counts_and_identical_weights(learnable_shards, tiny_recipe,
@@ -76,10 +108,18 @@ def test_uneven_shards_on_two_ranks_do_not_hang_and_count_exactly(uneven_shards,
     assert final["ranks_identical"] is True
 
 
-def test_weights_file_is_self_describing(one_process_run):
+def test_weights_file_is_self_describing(one_process_run, learnable_shards):
     out, _ = one_process_run
-    state = load_file(out / "model.safetensors")
-    assert any(k.endswith("weight") for k in state)
+    index = load_index(learnable_shards)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["shardtrain"])  # load_file() would drop the metadata
+        keys = set(f.keys())
+    assert meta["model"] == "resnet9" and meta["model_kwargs"]["widths"] == [8, 16, 16, 32]
+    assert meta["classes"] == index.classes == ["blue", "gray", "green", "red"]
+    assert (meta["channels"], meta["image_size"], meta["scaling"]) == (3, 16, "standardize")
+    assert meta["mean"] == pytest.approx(index.mean) and meta["std"] == pytest.approx(index.std)
+    assert len(set(meta["mean"])) == 3  # per-channel statistics of this data, not defaults
+    assert keys == set(load_file(out / "checkpoints" / "best.safetensors"))
 
 
 @pytest.mark.parametrize("args,message", [

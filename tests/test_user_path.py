@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 from PIL import Image
 
-from helpers import read_json, run_shardtrain
+from helpers import RUNS, read_json, run_shardtrain
+
+pytestmark = RUNS  # real training subprocesses
 
 
 def make_mixed_folder(root):
@@ -53,6 +58,37 @@ def test_pack_train_eval_predict_on_mixed_images(tmp_path, tiny_recipe):
     pred = run_shardtrain(["predict", "--checkpoint", out / "model.safetensors", *images])
     lines = pred.stdout.strip().splitlines()
     assert len(lines) == 3 and all(("cats (" in x or "dogs (" in x) for x in lines)
-    bad = run_shardtrain(["predict", "--checkpoint", out, src / "cats" / "notes.txt"],
-                         check=False)
-    assert bad.returncode == 1 and "error" in bad.stderr and "Traceback" not in bad.stderr
+    # good and bad files together: each bad one is an error line, the good ones still predicted
+    bad = {src / "cats" / "notes.txt": "cannot decode image",
+           png_bomb(tmp_path / "bomb.png"): "decompression bomb",
+           huge_file(tmp_path / "huge.jpg"): "file larger than 64 MB",
+           tmp_path / "missing.png": "no such file"}
+    both = run_shardtrain(["predict", "--checkpoint", out, images[0], *bad, images[2]],
+                          check=False)
+    assert both.returncode == 1 and "Traceback" not in both.stderr, both.stderr
+    good = both.stdout.strip().splitlines()
+    assert [x.split(":")[0] for x in good] == [str(images[0]), str(images[2])]
+    assert good == [lines[0], lines[2]]  # the same predictions as without the bad files
+    errors = both.stderr.strip().splitlines()
+    assert errors == [x for x in errors if ": error: " in x] and len(errors) == len(bad)
+    for line, (path, reason) in zip(errors, bad.items()):
+        assert line.startswith(f"{path}: error: ") and reason in line, line
+
+
+def png_bomb(path):
+    """A PNG header claiming 20000 x 20000 px (4e8 > 2 x PIL's MAX_IMAGE_PIXELS) in ~60 bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)  # 8-bit gray
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def huge_file(path):
+    """64 MB + 1 byte, sparse (no disk used): refused by its size before anything is read."""
+    with open(path, "wb") as f:
+        f.truncate(64 * 2**20 + 1)
+    return path

@@ -3,7 +3,8 @@
 Offline runs (`WANDB_MODE=offline`) write `wandb/offline-run-<time>-<id>/run-<id>.wandb` and media
 files, but no config.yaml or wandb-summary.json. The `.wandb` file is a leveldb-style record log
 of `wandb_internal_pb2.Record` protos; wandb 0.31 writes it from Go (wandb-core) and ships no
-Python reader (`wandb.sdk.internal.datastore` is gone), so the ~30-line framing reader is here.
+Python reader (`wandb.sdk.internal.datastore` is gone), so the ~30-line framing reader is in
+shardtrain.tracking.wandb_log (the trainer uses it to resume an offline run without gaps).
 
     run = read_offline_run("wandb/offline-run-20250101_120000-abc123")
     run.config["optim"]["max_lr"], run.history[-1]["_step"], run.summary["val/acc"]
@@ -17,23 +18,13 @@ A resumed run (`wandb.init(id=..., resume="allow")` offline) starts another
 from __future__ import annotations
 
 import json
-import struct
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardtrain.errors import UserError
+from shardtrain.tracking.wandb_log import read_records  # the record framing
 
-# Framing (wandb-core's fork of goleveldb's record format, same as the old Python datastore):
-# a 7-byte file header "<4sHB" = (b":W&B", 0xBEE1, version 0), then 32 KiB blocks of chunks,
-# each with a 7-byte header "<IHB" = (crc, length, type). A record is one FULL chunk or
-# FIRST, MIDDLE..., LAST chunks. A block tail shorter than a chunk header is zero padding.
-# crc = zlib.crc32(data, seed=zlib.crc32(bytes([type]))), checked against 0.31's own files.
-HEADER = struct.Struct("<4sHB")
-CHUNK = struct.Struct("<IHB")
-BLOCK_LEN = 32768
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 MEDIA_TYPES = ("image-file", "images/separated", "table-file", "video-file", "audio-file",
                "html-file")
 
@@ -58,43 +49,6 @@ class OfflineRun:
     artifacts: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)  # define_metric: name or glob -> definition
     charts: dict = field(default_factory=dict)  # custom charts: history key -> panel id
-
-
-def read_records(wandb_file: Path) -> list:
-    """All `Record` protos of one `.wandb` file; a torn tail (crashed writer) is dropped."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(wandb_file).read_bytes()
-    if len(data) < HEADER.size or HEADER.unpack_from(data)[:2] != (b":W&B", 0xBEE1):
-        raise UserError(f"{wandb_file} is not a W&B record log (bad header)")
-    records, pending, pos = [], None, HEADER.size
-    while pos + CHUNK.size <= len(data):
-        if BLOCK_LEN - pos % BLOCK_LEN < CHUNK.size:  # zero padding at a block's end
-            pos += BLOCK_LEN - pos % BLOCK_LEN
-            continue
-        crc, length, kind = CHUNK.unpack_from(data, pos)
-        chunk = data[pos + CHUNK.size : pos + CHUNK.size + length]
-        pos += CHUNK.size + length
-        if kind == 0 and length == 0:  # preallocated zeros after the last record
-            continue
-        if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != crc:
-            break  # torn or corrupt tail: keep what was read so far
-        if kind == FULL:
-            pending, payload = None, chunk
-        elif kind == FIRST:
-            pending = chunk
-            continue
-        elif kind in (MIDDLE, LAST) and pending is not None:
-            pending += chunk
-            if kind == MIDDLE:
-                continue
-            payload, pending = pending, None
-        else:
-            break
-        record = pb.Record()
-        record.ParseFromString(payload)
-        records.append(record)
-    return records
 
 
 def find_offline_runs(root: Path) -> list[Path]:
@@ -129,8 +83,8 @@ def read_offline_run(run_path: Path, wait_seconds: float = 0.0) -> OfflineRun:
 def read_offline_runs_by_id(root: Path, run_id: str, wait_seconds: float = 0.0) -> OfflineRun:
     """Merge every offline segment of `run_id` under `root` (original + resumes), in start order.
 
-    A later segment wins for steps it logs again: a trainer resumed from a checkpoint re-logs the
-    steps after that checkpoint, so earlier rows from its first `_step` on are dropped.
+    Segments are concatenated as they are: a step logged by two segments is an error here (the
+    trainer must not send a step twice; W&B itself would keep the first row and drop the rest).
     """
     folders = [p for p in find_offline_runs(root) if (p / f"run-{run_id}.wandb").is_file()]
     if not folders:
@@ -139,10 +93,10 @@ def read_offline_runs_by_id(root: Path, run_id: str, wait_seconds: float = 0.0) 
     segments.sort(key=lambda r: (r.start_time, str(r.paths)))
     merged = segments[0]
     for seg in segments[1:]:
-        first = seg.history[0]["_step"] if seg.history else None
-        if first is not None:
-            merged.history = [r for r in merged.history if r["_step"] < first]
-            merged.media = [m for m in merged.media if m["step"] < first]
+        if seg.history and merged.history and seg.history[0]["_step"] <= merged.history[-1][
+                "_step"]:
+            raise ValueError(f"segment {seg.paths[0].name} logs step {seg.history[0]['_step']} "
+                             f"again (the previous one reached {merged.history[-1]['_step']})")
         merged.history += seg.history
         merged.media += seg.media
         merged.artifacts += seg.artifacts

@@ -11,8 +11,11 @@ so every rank evaluates and saves the same model.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 
 from shardtrain.data.batch import BatchOptions, prepare_batch
 
@@ -41,15 +44,27 @@ def sum_per_node(count: int, node: int, nodes: int, accelerator) -> list[int]:
     return [int(v) for v in accelerator.reduce(t, reduction="sum").tolist()]
 
 
+def state_digest(state_dict: dict) -> str:
+    """sha256 over every tensor's name, dtype, shape and raw bytes, in name order.
+
+    Bitwise: a permutation of the same values, -0.0 against 0.0, a differing integer buffer (BN
+    num_batches_tracked) or another dtype all change it. One host copy of the weights per call.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(state_dict[name].shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy())  # the bytes (bf16 has no numpy dtype)
+    return digest.hexdigest()
+
+
 @torch.no_grad()
 def ranks_identical(state_dict: dict, accelerator) -> bool:
-    """Whether every rank holds the same weights and buffers (a DDP sanity check)."""
+    """Whether every rank holds bitwise the same tensors (weights, buffers, EMA): one sha256 per
+    rank, gathered (a collective: every rank calls it)."""
     if accelerator.num_processes == 1:
         return True
-    fingerprint = torch.stack([v.double().sum() + v.double().abs().sum()
-                               for v in state_dict.values() if v.is_floating_point()])
-    everyone = accelerator.gather(fingerprint[None])  # (world, n)
-    return bool((everyone == everyone[0]).all())
+    return len(set(gather_object([state_digest(state_dict)]))) == 1
 
 
 @torch.no_grad()

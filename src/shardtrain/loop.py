@@ -278,7 +278,8 @@ class Loop:
         return (self.ema.module if self.ema is not None else self.plain).state_dict()
 
     def extra_evals(self) -> dict:
-        """final.json extras: plain-model accuracy when EMA is on (*_acc_raw), TTA (*_acc_tta)."""
+        """final.json extras: the plain model when EMA is on (*_acc_raw, *_loss_raw), TTA
+        (*_acc_tta, *_loss_tta)."""
         extra = {}
         if self.ema is not None:  # also without val/test: the saved EMA gets averaged BN stats
             sync_bn_stats(self.ema.module, self.accelerator)
@@ -286,10 +287,12 @@ class Loop:
             if table is None:
                 continue
             if self.ema is not None:
-                extra[f"{name}_acc_raw"] = self.eval_split(table, model=self.plain)["acc"]
+                r = self.eval_split(table, model=self.plain)
+                extra[f"{name}_acc_raw"], extra[f"{name}_loss_raw"] = r["acc"], r["loss"]
             if self.cfg.train.tta != "none":
                 tta = make_tta(self.cfg.train.tta)
-                extra[f"{name}_acc_tta"] = self.eval_split(table, transform=tta)["acc"]
+                r = self.eval_split(table, transform=tta)
+                extra[f"{name}_acc_tta"], extra[f"{name}_loss_tta"] = r["acc"], r["loss"]
         return extra
 
     def set_frozen(self, epoch: int) -> None:

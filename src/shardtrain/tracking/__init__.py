@@ -4,6 +4,7 @@
                    metrics.jsonl, W&B, final.json, eval files) in one place
     wandb_run.py   how the W&B run starts: mode and credentials, init arguments (wandb agent
                    aware), metric definitions, the run's URL
+    wandb_log.py   the last step a resumed W&B run already holds (online or offline)
     artifacts.py   the dataset (used, by reference) and model (latest/best) artifacts, and
                    `--checkpoint wandb:ENTITY/PROJECT/NAME:ALIAS`
     media.py       what is logged at the end of a run (predictions grid and table, confusion

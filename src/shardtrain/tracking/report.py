@@ -23,6 +23,7 @@ from shardtrain.tracking.wandb_run import (
     run_banner,
     wandb_mode_from_env,
 )
+from shardtrain.tracking.wandb_log import last_wandb_step
 
 
 class Reporter:
@@ -33,6 +34,7 @@ class Reporter:
         self.accelerator = accelerator
         self.run_dir = run_dir
         self.wandb_on = False
+        self.wandb_after = 0  # steps up to here are in the W&B run already (wandb_log.py)
         self.bar = None
         if not self.active:
             return
@@ -55,6 +57,9 @@ class Reporter:
         run = self.accelerator.get_tracker("wandb", unwrap=True)
         self.wandb_on, self.cfg, self.index_hash = True, cfg, config.get("index_hash", "")
         define_metrics(run)
+        self.wandb_after = last_wandb_step(run, self.run_dir / "wandb", mode == "offline")
+        for record in read_metrics(self.metrics_path):  # resumed: what W&B lost or never had
+            self.send_to_wandb(record["step"], record)
         if cfg.log.artifacts and cfg.data.path:
             self.use_dataset(run, cfg.data.path)
         if run.id != run_id:
@@ -74,14 +79,19 @@ class Reporter:
         record = {"kind": kind, "step": step, **metrics}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb_on:
-            self.accelerator.log(metrics, step=step)  # epoch: the x-axis of val/* charts
+        self.send_to_wandb(step, metrics)
         if kind == "step" and self.bar is not None:
             self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
                                  lr=f"{metrics['train/lr']:.2e}")
         if kind == "epoch":
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             self.print(f"epoch {metrics.get('epoch')} step {step}: {shown}")
+
+    def send_to_wandb(self, step: int, metrics: dict) -> None:
+        """accelerator.log at the optimizer step, once: never a step the run already holds."""
+        if self.wandb_on and step > self.wandb_after:
+            self.accelerator.log({k: v for k, v in metrics.items() if k not in ("kind", "step")},
+                                 step=step)  # epoch: the x-axis of val/* charts
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
@@ -155,9 +165,11 @@ class Reporter:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl records; a torn last line (a job killed while appending) is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def truncate_after(path: Path, step: int) -> None:
