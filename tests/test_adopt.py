@@ -14,10 +14,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from helpers import read_json, run_shardtrain
+from helpers import RUNS, read_json, run_shardtrain
 from servers import Nginx
 from shardtrain.data.index import load_index, sample_table
 from shardtrain.data.inspect import verify_shards
+
+pytestmark = RUNS  # real training subprocesses
 
 CLASSES = ["red", "green", "blue", "gray"]
 

@@ -14,14 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import read_json, read_jsonl, run_shardtrain
+from helpers import RUNS, kill_tree, read_json, read_jsonl, run_shardtrain, start, wait_for_step
 from servers import FaultProxy, MotoS3, Nginx
 from shardtrain.checkpoint import latest_checkpoint, load_checkpoint
 from shardtrain.data.cache import ShardCache, ShardRef
 from shardtrain.data.index import load_index
 from shardtrain.data.remote import Retry, filesystem
 from shardtrain.errors import DataError, UserError
-from test_resume import kill_tree, same_weights, start, wait_for_step
+from test_resume import same_weights
+
+pytestmark = RUNS  # real training subprocesses
 
 # dropout on, 2 loader workers: the RNG streams and the worker split must survive the cache
 COMMON = ["train.epochs=2", "train.log_every=1", "train.checkpoint_every=4",

@@ -16,7 +16,7 @@ from helpers import read_json, read_jsonl
 from servers import Nginx
 from test_launch import check, env, free_port, launch_cmd
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # launches of <= 5 min
 
 
 def two_nodes(url: str, out: Path, cache: Path, limit: int, partition: str) -> None:
