@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 from pathlib import Path
@@ -82,7 +83,7 @@ def test_preempted_run_resumes_with_another_world_size(learnable_shards, tiny_re
 def finished_run(learnable_shards, tiny_recipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("done") / "run"
     run_shardtrain(["train", "--recipe", tiny_recipe, "--data", learnable_shards, "--out", out,
-                    "train.max_steps=4"])
+                    "train.max_steps=4", "train.checkpoint_every=1", "log.plots=false"])
     return out
 
 
@@ -121,9 +122,15 @@ def test_crash_while_saving_leaves_previous_checkpoint_loadable(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-000010"
 
 
-def test_keeps_last_k_and_best(finished_run):
+def checkpoint_steps(root: Path) -> list[int]:
+    return sorted(int(p.name[len("step-"):]) for p in root.glob("step-*"))
+
+
+def test_keeps_the_newest_keep_checkpoints_and_the_best(finished_run):
+    """Checkpoints at steps 1..4, train.keep_checkpoints=2 (the default): 3 and 4 are kept."""
     ckpts = finished_run / "checkpoints"
-    assert len(list(ckpts.glob("step-*"))) <= 2 and (ckpts / "best.safetensors").is_file()
+    assert checkpoint_steps(ckpts) == [3, 4] and latest_checkpoint(ckpts).name == "step-000004"
+    assert (ckpts / "best.safetensors").is_file()
 
 
 def test_checkpoints_load_without_pickled_code(finished_run):
@@ -133,18 +140,63 @@ def test_checkpoints_load_without_pickled_code(finished_run):
     assert json.loads((folder / "trainer.json").read_text())["step"] == 4
 
 
-def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoint(learnable_shards,
-                                                                    tiny_recipe, tmp_path):
+# SGD at lr 300 diverges within the first epoch (12 steps): measured here, the loss is first
+# non-finite at step 10, while BN running statistics are already non-finite after step 8
+DIVERGE = ["optim.name=sgd", "optim.max_lr=300", "optim.clip_value=0", "log.plots=false"]
+
+
+def diverge(data, recipe, out, *overrides):
+    r = run_shardtrain(["train", "--recipe", recipe, "--data", data, "--out", out, *DIVERGE,
+                        *overrides], check=False)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (out / "final.json").exists()
+    return r.stderr
+
+
+def finite(folder: Path) -> bool:
+    weights = load_checkpoint(folder)["model"]
+    return all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def first_bad_step(learnable_shards, tiny_recipe, tmp_path_factory):
+    """The first step with a non-finite loss, by a run that checks (logs) every step."""
+    out = tmp_path_factory.mktemp("nan") / "every"
+    stderr = diverge(learnable_shards, tiny_recipe, out, "train.log_every=1")
+    losses = [r["train/loss"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
+    assert all(map(math.isfinite, losses))  # nothing is logged past a non-finite loss
+    bad = len(losses) + 1
+    assert f"non-finite loss at optimizer step {bad}:" in stderr
+    return bad
+
+
+def test_non_finite_loss_between_checkpoints_names_its_step_and_keeps_the_one_before(
+        first_bad_step, learnable_shards, tiny_recipe, tmp_path):
+    """Checked only at boundaries (log_every 1000, checkpoints every 6 steps): the bad step lies
+    between two checkpoints; the run names it, not the step that noticed it, and writes nothing
+    after it (keep_checkpoints=1: the earlier checkpoints are pruned as usual)."""
+    bad = first_bad_step
+    assert bad % 6 != 0 and bad > 6  # the run above: bad = 10, noticed at the save of step 12
     out = tmp_path / "nan"
-    r = run_shardtrain(["train", "--recipe", tiny_recipe, "--data", learnable_shards, "--out",
-                        out, "optim.name=sgd", "optim.max_lr=1e30", "optim.clip_value=0",
-                        "optim.warmup_frac=0", "train.log_every=1"], check=False)
-    assert r.returncode == 3 and "non-finite loss at optimizer step" in r.stdout + r.stderr
-    assert "Traceback" not in r.stderr and not (out / "final.json").exists()
-    folder = latest_checkpoint(out / "checkpoints")
-    if folder:  # any checkpoint kept is from before the bad step, with finite weights
-        weights = load_checkpoint(folder)["model"]
-        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    stderr = diverge(learnable_shards, tiny_recipe, out, "train.log_every=1000",
+                     "train.checkpoint_every=6", "train.keep_checkpoints=1")
+    assert f"non-finite loss at optimizer step {bad}: stopping" in stderr
+    before = bad // 6 * 6
+    assert checkpoint_steps(out / "checkpoints") == [before]
+    assert load_checkpoint(latest_checkpoint(out / "checkpoints"))["trainer"]["step"] == before
+    assert finite(latest_checkpoint(out / "checkpoints"))
+
+
+def test_checkpoint_of_non_finite_weights_is_not_written(learnable_shards, tiny_recipe, tmp_path):
+    """The update of step 8 makes BN statistics non-finite while the loss stays finite until
+    step 10: the checkpoint of step 8 is refused, step 4's stays the latest."""
+    out = tmp_path / "nan"
+    stderr = diverge(learnable_shards, tiny_recipe, out, "train.log_every=1000",
+                     "train.checkpoint_every=4")
+    assert "non-finite weights after optimizer step 8: stopping" in stderr
+    assert checkpoint_steps(out / "checkpoints") == [4]
+    assert latest_checkpoint(out / "checkpoints").name == "step-000004"
+    assert finite(latest_checkpoint(out / "checkpoints"))
 
 
 def test_api_keys_never_reach_run_files(finished_run, learnable_shards, tiny_recipe, tmp_path):

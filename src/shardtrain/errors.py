@@ -6,7 +6,7 @@ keep their traceback. The codes are what launch scripts and SLURM branch on:
     0    OK            the command did what it was asked
     1    DATA_ERROR    corrupt or missing shards, a failed download, a failed write (disk full)
     2    USAGE         a bad command line, recipe, key, path or dataset choice (UserError)
-    3    NON_FINITE    training stopped on a non-finite loss; the last checkpoint predates it
+    3    NON_FINITE    non-finite loss or weights stopped training; the last checkpoint predates it
     4    PEER_FAILED   another rank or node died (or failed); this one stopped at once instead of
                        waiting in a collective: run again with the same --out to resume
     75   PREEMPTED     EX_TEMPFAIL: checkpointed on SIGUSR1/SIGTERM; slurm/train.sbatch requeues
@@ -41,6 +41,7 @@ class DataError(UserError):
 
 
 class NonFiniteLoss(UserError):
-    """The loss became NaN/inf: the run stops without checkpointing past it."""
+    """The loss (or the weights to checkpoint) became NaN/inf: the run stops without
+    checkpointing past it."""
 
     exit_code = ExitCode.NON_FINITE

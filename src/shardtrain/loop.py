@@ -198,6 +198,17 @@ class Loop:
                 f"checkpoint in {self.out_dir / 'checkpoints'} is from before it (lower "
                 f"optim.max_lr or add optim.clip_norm)")
 
+    def check_finite_weights(self, model_state: dict, step: int) -> None:
+        """Before a checkpoint: an update can diverge while its loss is still finite (seen: a
+        NaN gradient norm at the last finite loss); such weights must not become `latest`.
+        Every rank holds the same weights, so every rank raises."""
+        floats = [v for v in model_state.values() if v.is_floating_point()]
+        if not bool(torch.stack([torch.isfinite(v).all() for v in floats]).all()):
+            raise NonFiniteLoss(
+                f"non-finite weights after optimizer step {step}: stopping; the last checkpoint "
+                f"in {self.out_dir / 'checkpoints'} is from before it (lower optim.max_lr or add "
+                f"optim.clip_norm)")
+
     def log_step(self, state: State, lr: float, clock: Clock) -> None:
         """train/loss: the mean over ranks and micro-batches of this optimizer step."""
         steps, seconds = clock.lap(state)
@@ -322,6 +333,7 @@ class Loop:
         if self.ema is not None:  # checkpoint: model + EMA tensors under the `ema.` prefix
             sync_bn_stats(self.ema.module, acc)
             model_state.update(self.ema.state_dict())
+        self.check_finite_weights(model_state, state.step)
         if acc.is_main_process:
             optim = {"optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(),
