@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from helpers import read_json, run_shardtrain
+from helpers import RUNS, read_json, run_shardtrain
 from shardtrain.cli import override_forms
 from shardtrain.config import load_config
 from shardtrain.tracking.wandb_run import run_banner
@@ -24,6 +24,8 @@ from wandb_offline import find_offline_runs, read_offline_runs_by_id
 pytest.importorskip("wandb")
 from wandb.sdk.launch.sweeps import utils as sweep_utils  # noqa: E402
 from wandb.sdk.lib import config_util  # noqa: E402
+
+pytestmark = RUNS  # real training subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_YAML = ROOT / "launch" / "wandb-sweep.yaml"

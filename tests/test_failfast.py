@@ -20,9 +20,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import free_port, shardtrain_env
+from helpers import RUNS, free_port, shardtrain_env
 from shardtrain.checkpoint import latest_checkpoint, load_checkpoint
 from shardtrain.errors import ExitCode
+
+pytestmark = RUNS  # real training subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 INJECT = ROOT / "tests" / "inject.py"

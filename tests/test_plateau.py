@@ -7,8 +7,10 @@ import io
 import pytest
 import torch
 
-from helpers import read_json, read_jsonl, run_shardtrain
+from helpers import RUNS, read_json, read_jsonl, run_shardtrain
 from shardtrain.lr_plateau import PlateauLR
+
+pytestmark = RUNS  # real training subprocesses
 
 # threshold 0.99: a cut unless the val loss drops 100x below the best, so short runs cut
 PLATEAU = ["optim.schedule=plateau", "optim.plateau_threshold=0.99", "train.log_every=1"]

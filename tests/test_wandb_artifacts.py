@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import read_json, run_shardtrain
+from helpers import RUNS, read_json, run_shardtrain
 from shardtrain.errors import UserError
 from shardtrain.tracking.artifacts import resolve_checkpoint
 from wandb_offline import read_offline_runs_by_id
+
+pytestmark = RUNS  # real training subprocesses
 
 pytest.importorskip("wandb")
 
