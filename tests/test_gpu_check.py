@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import shardtrain_env
+from helpers import RUNS, shardtrain_env
+
+pytestmark = RUNS  # real training subprocesses
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import read_json, read_jsonl, run_shardtrain
+from helpers import RUNS, read_json, read_jsonl, run_shardtrain
 from shardtrain.checkpoint import latest_checkpoint, load_checkpoint
+
+pytestmark = RUNS  # real training subprocesses
 
 INIT_SCALE = 2.0**20  # large enough that the first steps overflow in fp16 and are skipped
 FP16_STEPS = 8  # fp16 on a CPU is emulated, ~8x slower than bf16: short runs
