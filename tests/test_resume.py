@@ -177,19 +177,20 @@ def test_non_finite_loss_is_named_at_the_first_step_that_had_it(learnable_shards
     assert all(s < step for s in checkpoint_steps(out / "checkpoints"))
 
 
-@pytest.mark.parametrize("every", [4, 6])
+@pytest.mark.parametrize("every", [3, 4, 6])
 def test_divergence_between_checkpoints_keeps_only_finite_checkpoints_before_it(
         learnable_shards, tiny_recipe, tmp_path, every):
-    """Checked only at boundaries (log_every 1000, checkpoints every 4 or 6 steps): the run
+    """Checked only at boundaries (log_every 1000, checkpoints every 3, 4 or 6 steps): the run
     stops with exit 3 and every checkpoint left (keep_checkpoints=1) is finite and from before
     the step it names; a checkpoint of non-finite weights or BN statistics is refused."""
     out = tmp_path / "nan"
     _, step = diverge(learnable_shards, tiny_recipe, out, "train.log_every=1000",
                       f"train.checkpoint_every={every}", "train.keep_checkpoints=1")
-    kept = checkpoint_steps(out / "checkpoints")
-    assert len(kept) == 1 and kept[0] < step and kept[0] % every == 0, (kept, step)
-    assert load_checkpoint(latest_checkpoint(out / "checkpoints"))["trainer"]["step"] == kept[0]
-    assert finite(latest_checkpoint(out / "checkpoints"))
+    kept = checkpoint_steps(out / "checkpoints")  # none if the first one was already refused
+    assert len(kept) <= 1 and all(k < step and k % every == 0 for k in kept), (kept, step)
+    if kept:
+        latest = latest_checkpoint(out / "checkpoints")
+        assert load_checkpoint(latest)["trainer"]["step"] == kept[0] and finite(latest)
 
 
 def test_api_keys_never_reach_run_files(finished_run, learnable_shards, tiny_recipe, tmp_path):
