@@ -105,7 +105,7 @@ def test_verify_ok_and_names_bad_sample(tmp_path, tiny_shards):
     errors = [x for x in r.stderr.splitlines() if "error" in x.lower()]
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert len(errors) == 1 and errors[0].startswith(
-        f"shardtrain: error: train-000002.tar: sample {i:08d}: cannot decode npy")
+        f"shardtrain: error: train-000002.tar: sample {i:08d}: corrupt npy")
     (d / "train-000002.tar").write_bytes(bytes(data[:5000]))
     with pytest.raises(DataError, match="train-000002.tar: size"):
         verify_shards(d, progress=False)

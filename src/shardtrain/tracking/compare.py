@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from shardtrain._typed import flatten, load_yaml
 from shardtrain.errors import UserError
-from shardtrain.tracking.plots import new_figure, series
+from shardtrain.tracking.plots import new_figure, save, series
 
 IGNORED_KEYS = ("data.path", "log.name")  # differ between any two runs, say nothing
 METRICS = ("best_val_acc", "val_acc", "test_acc", "steps", "train_seconds")
@@ -93,11 +93,7 @@ def plot_runs(runs: list[dict], out_png: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.legend(*acc_ax.get_legend_handles_labels(), loc="lower center", ncols=2, fontsize=8)
-    fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.3) / height, 1, 1))
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    return out_png
+    return save(fig, out_png, rect=(0, (0.2 * legend_rows + 0.3) / height, 1, 1))
 
 
 def compare_wandb(entity_project: str, group: str | None = None) -> str:

@@ -21,10 +21,11 @@ def new_figure(width: float, height: float, cols: int = 1):
     return fig, axes
 
 
-def save(fig: Figure, out_png: Path) -> Path:
+def save(fig: Figure, out_png: Path, rect=(0, 0, 1, 1)) -> Path:
+    """Lay the panels out inside `rect` (figure fractions) and write the PNG."""
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(out_png)
     return out_png
 
