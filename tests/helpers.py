@@ -41,8 +41,12 @@ def launch_cmd(nproc: int, emulate: list[str] | None = None) -> list[str]:
 
 
 def shardtrain_env(nproc: int, env: dict | None = None) -> dict:
-    """Offline W&B, real CPU processes, and a fixed thread count (float sums depend on it)."""
-    return {**os.environ, "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline",
+    """Offline W&B, real CPU processes, and a fixed thread count (float sums depend on it).
+
+    WANDB_SERVICE is dropped: a wandb.init in the pytest process exports it, and a job joining
+    that long-lived wandb-core would find the run of a job killed earlier still open there."""
+    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**inherited, "ACCELERATE_USE_CPU": "1", "WANDB_MODE": "offline",
             "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1" if nproc > 1 else "2", **(env or {})}
 
 

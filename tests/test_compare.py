@@ -39,7 +39,8 @@ def write_run(run_dir, max_lr, epochs_acc, test_acc, data_path):
 def test_compare_two_runs(tmp_path, monkeypatch):
     drawn = []
     real_save = compare.save
-    monkeypatch.setattr(compare, "save", lambda fig, out, **kw: drawn.append(fig) or real_save(fig, out, **kw))
+    monkeypatch.setattr(compare, "save",
+                        lambda fig, out, **kw: drawn.append(fig) or real_save(fig, out, **kw))
     a = write_run(tmp_path / "lr-0.01", 0.01, [0.80, 0.85, 0.90], 0.9012, "/data/a")
     b = write_run(tmp_path / "lr-0.02", 0.02, [0.82, 0.91, 0.89], 0.8876, "/data/b")
     table = compare_runs([a, b], tmp_path / "cmp.png")

@@ -220,9 +220,6 @@ def kill_between_checkpoints(out, proc, after: int) -> tuple[int, int]:
     return logged, saved
 
 
-@pytest.mark.xfail(reason="since the rebase on main's issue 15/17 work the resumed job's "
-                   "wandb.init fails with 'run ID ... is in use' after kill -9 (issue 13: open)",
-                   strict=False)
 def test_two_process_run_killed_mid_epoch_resumes_the_same_wandb_run(
         learnable_shards, tiny_recipe, tmp_path, two_process_run):
     """kill -9 between checkpoints on 2 processes, then --resume auto: one W&B run id whose two

@@ -25,7 +25,11 @@ def offline_env(tmp_path, monkeypatch):
     for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
                        "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}.items():
         monkeypatch.setenv(key, value)
-    return tmp_path
+    yield tmp_path
+    # wandb.init in this process started a wandb-core service and exported WANDB_SERVICE; left
+    # alone, every later `shardtrain train` subprocess would join that service, where a job
+    # killed with -9 leaves its run open and the resumed job is refused ("run ID ... is in use")
+    wandb.teardown()
 
 
 def user_keys(d: dict) -> dict:
