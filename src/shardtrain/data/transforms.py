@@ -159,13 +159,6 @@ def crop_flip_batch(
     B, C, H, W = x.shape
     if pad < 0 or pad >= min(H, W):
         raise ValueError(f"pad must be in [0, {min(H, W) - 1}] for {H}x{W} images, got {pad}")
-    if pad == 0:  # flips only (random-resized-crop recipes): no gather, untouched when none
-        hflips, vflips = hflips.to(x.device, torch.bool), vflips.to(x.device, torch.bool)
-        if hflips.any():
-            x = torch.where(hflips[:, None, None, None], x.flip(3), x)
-        if vflips.any():
-            x = torch.where(vflips[:, None, None, None], x.flip(2), x)
-        return x
     offsets = offsets.to(device=x.device, dtype=torch.long)
     rows = crop_flip_index(offsets[:, 0], vflips.to(x.device, torch.bool), H, pad)  # (B, H)
     cols = crop_flip_index(offsets[:, 1], hflips.to(x.device, torch.bool), W, pad)  # (B, W)
