@@ -7,7 +7,7 @@ A sample's image member is one of:
        rotation, no resize), or a quality-95 re-encode when `fmt="jpg"` is forced.
 
 Usage (what pack workers and the loader call):
-    ext, data, pixels = encode_sample(path_or_array, channels=3, fmt="auto", image_size=0)
+    ext, data, pixels = encode_sample(bytes_or_array, channels=3, fmt="auto", image_size=0)
     img = decode_image(data, ext, channels=3)   # torch.uint8 (C, H, W)
 """
 
@@ -234,11 +234,26 @@ def _encode_array(arr: np.ndarray, ext: str) -> bytes:
     return buf.getvalue()
 
 
+def _fit(img: Image.Image, image_size: int, max_size: int) -> tuple[Image.Image, str]:
+    """(img sized for the shard, what was done: "resized" | "shrunk" | "").
+
+    image_size: resize + centre-crop to that square unless already so; else max_size: shrink
+    when the longer side exceeds it."""
+    if image_size:
+        if img.size == (image_size, image_size):
+            return img, ""
+        return _resize(img, image_size), "resized"
+    if max_size and max(img.size) > max_size:
+        return _shrink(img, max_size), "shrunk"
+    return img, ""
+
+
 def encode_sample(
-    src: str | Path | np.ndarray, *, channels: int, fmt: str = "auto", image_size: int = 0,
-    max_size: int = 0,
+    src: bytes | str | Path | np.ndarray, *, channels: int, fmt: str = "auto",
+    image_size: int = 0, max_size: int = 0,
 ) -> tuple[str, bytes, np.ndarray]:
-    """Encode a file path or uint8 array into (ext, member bytes, stored pixels (H, W[, 3])).
+    """Encode a file (its path or bytes) or a uint8 array into (ext, member bytes, stored pixels
+    (H, W[, 3])).
 
     image_size: resize + centre-crop to a square; else max_size: shrink images whose longer
     side exceeds it (aspect kept; a JPEG source stays JPEG, re-encoded at JPEG_QUALITY, since
@@ -248,26 +263,20 @@ def encode_sample(
     if fmt not in ("auto", "npy", "png", "jpg"):
         raise ValueError(f"unknown format {fmt!r}")
     if isinstance(src, np.ndarray):
-        raw, arr, img = None, _array_to_channels(src, channels), None
-        if image_size and arr.shape[:2] != (image_size, image_size):
-            arr = np.asarray(_resize(Image.fromarray(arr), image_size))
-        elif not image_size and max_size and max(arr.shape[:2]) > max_size:
-            arr = np.asarray(_shrink(Image.fromarray(arr), max_size))
+        raw, arr = None, _array_to_channels(src, channels)
+        fitted, change = _fit(Image.fromarray(arr), image_size, max_size)
+        arr = np.asarray(fitted) if change else arr
     else:
-        raw = Path(src).read_bytes()
+        raw = src if isinstance(src, bytes) else Path(src).read_bytes()
         if not raw:
             raise ValueError("empty file")
         img = _open_checked(raw)
-        conv = to_mode(img, channels)
-        resized = bool(image_size) and conv.size != (image_size, image_size)
-        conv = _resize(conv, image_size) if resized else conv
-        shrunk = not image_size and bool(max_size) and max(conv.size) > max_size
-        conv = _shrink(conv, max_size) if shrunk else conv
+        conv, change = _fit(to_mode(img, channels), image_size, max_size)
         arr = np.asarray(conv)
-        if fmt in ("auto", "jpg") and _keep_jpeg(raw, img, channels, resized or shrunk):
+        if fmt in ("auto", "jpg") and _keep_jpeg(raw, img, channels, bool(change)):
             if fmt == "jpg" or arr.shape[0] * arr.shape[1] > SMALL_PIXELS:
                 return "jpg", raw, arr
-        if shrunk and fmt == "auto" and img.format == "JPEG":
+        if change == "shrunk" and fmt == "auto" and img.format == "JPEG":
             fmt = "jpg"
     if fmt == "auto":
         small = arr.shape[0] * arr.shape[1] <= SMALL_PIXELS

@@ -88,8 +88,8 @@ def plan_splits(
 
 def _encode_one(item: Item, channels: int, fmt: str, image_size: int, max_size: int) -> tuple:
     """Worker: ("ok", ext, bytes, label, (h, w), sums, sqsums, digest) or ("skip", reason)."""
-    try:
-        src = item.array if item.array is not None else item.path
+    try:  # a file is read once, here: a vanishing file is a skip like any unreadable one
+        src = item.array if item.array is not None else Path(item.path).read_bytes()
         ext, data, arr = encode_sample(src, channels=channels, fmt=fmt, image_size=image_size,
                                        max_size=max_size)
     except (ValueError, OSError) as e:
@@ -98,8 +98,8 @@ def _encode_one(item: Item, channels: int, fmt: str, image_size: int, max_size: 
     sums = tuple(int(v) for v in px.sum(axis=(0, 1)))
     sqsums = tuple(int(v) for v in (px * px).sum(axis=(0, 1)))
     # duplicate detection key: label + sha256 of the file, one small bytes object per file
-    digest = (item.label.to_bytes(4, "little") + hashlib.sha256(Path(item.path).read_bytes())
-              .digest()) if item.path else None
+    digest = (item.label.to_bytes(4, "little") + hashlib.sha256(src).digest()
+              if item.path else None)
     return ("ok", ext, data, item.label, arr.shape[:2], sums, sqsums, digest)
 
 
