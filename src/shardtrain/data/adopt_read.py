@@ -222,12 +222,13 @@ def image_stats(images: list[tuple[bytes, str]], channels: int) -> dict:
     sums, sqs, pixels, sizes = np.zeros(channels), np.zeros(channels), 0, []
     for data, ext in images:
         try:
-            x = decode_image(data, ext, channels).double().reshape(channels, -1)  # (C, HW)
+            img = decode_image(data, ext, channels)  # (C, H, W)
         except ValueError:
             continue
+        x = img.double().reshape(channels, -1)  # (C, HW)
         sums, sqs, pixels = sums + x.sum(1).numpy(), sqs + (x * x).sum(1).numpy(), \
             pixels + x.shape[1]
-        sizes.append(list(decode_image(data, ext, channels).shape[1:]))
+        sizes.append(list(img.shape[1:]))
     if not sizes:
         raise UserError("no decodable image in the sampled train samples")
     mean = sums / pixels / 255.0
@@ -242,7 +243,9 @@ def color(data: bytes, ext: str) -> bool:
     """Whether an encoded image has colour channels (PIL mode / npy shape)."""
     try:
         if ext == "npy":
-            return np.load(io.BytesIO(data), allow_pickle=False).ndim == 3
+            from shardtrain.data.codec import load_npy
+
+            return load_npy(data).ndim == 3  # the header parsed, the data viewed, not copied
         from PIL import Image
 
         return Image.open(io.BytesIO(data)).mode not in ("1", "L", "LA", "I", "I;16", "F")

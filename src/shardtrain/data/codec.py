@@ -98,7 +98,7 @@ def _npy_header(header: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     return np.lib.format.read_array_header_2_0(f)
 
 
-def _load_npy(data: bytes) -> np.ndarray:
+def load_npy(data: bytes) -> np.ndarray:
     """The uint8 array of a .npy member (read-only, no copy); ValueError("corrupt npy sample:
     ...") otherwise.
 
@@ -184,7 +184,7 @@ def decode_image(data: bytes, ext: str, channels: int) -> torch.Tensor:
     if fast is not None:
         return fast
     if ext == "npy":
-        arr = _array_to_channels(_load_npy(data), channels)
+        arr = _array_to_channels(load_npy(data), channels)
     else:  # png, jpg or any file PIL recognises by its content
         arr = np.asarray(to_mode(_open_checked(data), channels))
     if arr.ndim == 2:
