@@ -1,10 +1,12 @@
-"""Helpers shared by the bench scripts: paths, packed data sets, interleaved timing, peak RSS."""
+"""Helpers shared by the bench scripts: paths, packed data sets, train plans, interleaved timing,
+peak RSS/PSS."""
 
 from __future__ import annotations
 
 import json
 import platform
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,14 @@ def ensure_packed(name: str, fmt: str, source: str = FASHION_MNIST, **kw) -> Pat
         kw.setdefault("val_fraction", 0.0)
         write_shards(source, out, fmt=fmt, overwrite=True, progress=False, **kw)
     return out
+
+
+def plan_for(index, batch: int, world=1, rank=0, partition="global", canonical=1, nodes=1):
+    """The TrainPlan of `index`'s train split: no grad accumulation, seed 0, window 4."""
+    from shardtrain.data.plan import TrainPlan
+
+    sizes = tuple(s["num_samples"] for s in index.split("train").shards)
+    return TrainPlan(sizes, batch, world, rank, 1, 0, 4, partition, canonical, nodes)
 
 
 def interleaved(variants: dict, rounds: int) -> dict[str, list[float]]:
@@ -67,6 +77,31 @@ def tree_memory_mb(pid: int) -> tuple[float, float]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return rss / 2**20, pss / 2**20
+
+
+class PeakMemory:
+    """Peak (RSS, PSS) in MB of a process tree, sampled every 50 ms while in the `with` block."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self.stop = pid, [0.0, 0.0], threading.Event()
+
+    def __enter__(self):
+        def sample():
+            while not self.stop.is_set():
+                rss, pss = tree_memory_mb(self.pid)
+                self.peak[:] = max(self.peak[0], rss), max(self.peak[1], pss)
+                time.sleep(0.05)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def result(self) -> dict:
+        return {"rss": round(self.peak[0], 1), "pss": round(self.peak[1], 1)}
 
 
 def train_command(train_args: list[str], nproc: int, port: int) -> tuple[list[str], dict]:

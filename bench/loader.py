@@ -20,20 +20,18 @@ from __future__ import annotations
 import argparse
 import gzip
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import DATA, FASHION_MNIST, RESULTS, ensure_packed, interleaved, machine, median
-from common import save_json, tree_memory_mb
+from common import DATA, FASHION_MNIST, RESULTS, PeakMemory, ensure_packed, interleaved, machine
+from common import median, plan_for, save_json
 from PIL import Image
 
 from shardtrain.data.batch import BatchOptions, prepare_batch
 from shardtrain.data.index import load_index, sample_table
 from shardtrain.data.loader import SampleOptions, make_train_loader
-from shardtrain.data.plan import TrainPlan
 
 BATCH = 256
 
@@ -76,8 +74,7 @@ def fruits_like(n: int, size: int = 100, classes: int = 10, seed: int = 0):
 def shard_rate(data: Path, pad: int, workers: int, batches: int) -> float:
     index = load_index(data)
     table = sample_table(index, "train")
-    plan = TrainPlan(tuple(s["num_samples"] for s in index.split("train").shards), BATCH, 1, 0,
-                     1, 0, 4)
+    plan = plan_for(index, BATCH)
     size = index.image_size[0]
     options = SampleOptions(channels=index.channels, image_size=size, train=True, seed=0,
                             pad_crop=pad, hflip=True)
@@ -122,20 +119,9 @@ def peak_memory(data: Path, pad: int, workers: int, batches: int) -> dict:
     """Peak RSS and PSS (MB) of this process + its loader workers over `batches` batches."""
     import os
 
-    peak, stop = [0.0, 0.0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            rss, pss = tree_memory_mb(os.getpid())
-            peak[:] = max(peak[0], rss), max(peak[1], pss)
-            time.sleep(0.05)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    shard_rate(data, pad, workers, batches)
-    stop.set()
-    th.join()
-    return {"rss": round(peak[0], 1), "pss": round(peak[1], 1)}
+    with PeakMemory(os.getpid()) as peak:
+        shard_rate(data, pad, workers, batches)
+    return peak.result()
 
 
 def main() -> None:

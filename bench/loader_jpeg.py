@@ -33,13 +33,12 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
-from common import DATA, RESULTS, VENV_BIN, interleaved, machine, save_json
-from common import tree_memory_mb
+from common import DATA, RESULTS, VENV_BIN, PeakMemory, ensure_packed, interleaved, machine
+from common import plan_for, save_json
 from loader import summarize
 from photos import copies_with_comments, write_photo_folder
 from PIL import Image
@@ -47,8 +46,6 @@ from PIL import Image
 from shardtrain.data.batch import BatchOptions, prepare_batch
 from shardtrain.data.index import load_index, sample_table
 from shardtrain.data.loader import SampleOptions, make_train_loader
-from shardtrain.data.pack import write_shards
-from shardtrain.data.plan import TrainPlan
 
 BATCH = 64
 SCALE = 0.35
@@ -56,20 +53,12 @@ JITTER = 0.2
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def packed(name: str, source: Path, **kw) -> Path:
-    out = DATA / name
-    if not (out / "index.json").exists():
-        write_shards(str(source), out, val_fraction=0.0, overwrite=True, progress=False, **kw)
-    return out
-
-
-def shard_loader(data: Path, size: int, workers: int, batches: int, scale: float = SCALE):
+def shard_loader(data: Path, size: int, workers: int, batches: int):
     index = load_index(data)
     table = sample_table(index, "train")
-    plan = TrainPlan(tuple(s["num_samples"] for s in index.split("train").shards), BATCH, 1, 0,
-                     1, 0, 4)
+    plan = plan_for(index, BATCH)
     options = SampleOptions(channels=3, image_size=size, train=True, seed=0,
-                            resized_crop=scale, hflip=True, color_jitter=JITTER)
+                            resized_crop=SCALE, hflip=True, color_jitter=JITTER)
     opts = BatchOptions(torch.tensor(MEAN), torch.tensor(STD), "standardize", 0,
                         channels_last=True)
     # more batches than are read: the workers are still alive when the CPU time is taken
@@ -159,31 +148,6 @@ def timed(loader, finish, batches: int, warmup: int, name: str) -> float:
 
 
 # ---- memory ---------------------------------------------------------------------------------
-class PeakMemory:
-    """Peak (RSS, PSS) in MB of a process tree, sampled every 50 ms while in the `with` block."""
-
-    def __init__(self, pid: int):
-        self.pid, self.peak, self.stop = pid, [0.0, 0.0], threading.Event()
-
-    def __enter__(self):
-        def sample():
-            while not self.stop.is_set():
-                rss, pss = tree_memory_mb(self.pid)
-                self.peak[:] = max(self.peak[0], rss), max(self.peak[1], pss)
-                time.sleep(0.05)
-
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
-    def result(self) -> dict:
-        return {"rss": round(self.peak[0], 1), "pss": round(self.peak[1], 1)}
-
-
 def pack_memory(source: Path, out: Path, workers: int) -> dict:
     """`shardtrain pack` as users run it, in a subprocess: peak memory and wall time."""
     cmd = [str(VENV_BIN / "python"), "-m", "shardtrain", "pack", str(source), str(out),
@@ -241,8 +205,9 @@ def main() -> None:
            "batches_per_measurement": batches}
     base = write_photo_folder(DATA / f"photos-{n_base}", n=n_base)
     files = copies_with_comments(base, DATA / f"photos-files-{n_files}", n_files)
-    shards = packed(f"photos-shards-{n_files}", files)
-    small = packed(f"photos-shards-{n_files}-max{args.max_size}", files, max_size=args.max_size)
+    shards = ensure_packed(f"photos-shards-{n_files}", "auto", str(files))
+    small = ensure_packed(f"photos-shards-{n_files}-max{args.max_size}", "auto", str(files),
+                          max_size=args.max_size)
     variants = {
         "shard": lambda: shard_rate(shards, size, w, batches),
         f"shard_max{args.max_size}": lambda: shard_rate(small, size, w, batches,

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import DATA, RESULTS, ensure_packed, interleaved, machine, median, save_json
+from common import DATA, RESULTS, ensure_packed, interleaved, machine, median, plan_for, save_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from servers import Nginx  # noqa: E402 - the tests' nginx fixture, reused as is
@@ -30,7 +30,6 @@ from servers import Nginx  # noqa: E402 - the tests' nginx fixture, reused as is
 from shardtrain.data.cache import ShardCache  # noqa: E402
 from shardtrain.data.index import load_index, sample_table  # noqa: E402
 from shardtrain.data.loader import SampleOptions, make_train_loader  # noqa: E402
-from shardtrain.data.plan import TrainPlan  # noqa: E402
 from shardtrain.data.remote import Retry  # noqa: E402
 
 BATCH = 128
@@ -44,11 +43,6 @@ def jpeg_dataset(n: int) -> Path:
     return ensure_packed(f"remote-fruits-{n}", "auto", str(folder), shard_size=250)
 
 
-def plan_for(index, world=1, rank=0, partition="global", canonical=1, nodes=1, batch=BATCH):
-    sizes = tuple(s["num_samples"] for s in index.split("train").shards)
-    return TrainPlan(sizes, batch, world, rank, 1, 0, 4, partition, canonical, nodes)
-
-
 def loader_rate(location: str, cache_dir: Path | None) -> float:
     """Steady-state images/s over one epoch (the clock starts at the first batch)."""
     import time
@@ -56,7 +50,7 @@ def loader_rate(location: str, cache_dir: Path | None) -> float:
     index = load_index(location)
     cache = ShardCache(cache_dir, 0, Retry()) if cache_dir else None
     table = sample_table(index, "train", cache=cache)
-    plan = plan_for(index)
+    plan = plan_for(index, BATCH)
     options = SampleOptions(channels=3, image_size=96, train=True, seed=0, pad_crop=8,
                             hflip=True, resized_crop=0.35)
     loader = make_train_loader(table, plan, options, start_micro=0,
@@ -98,8 +92,8 @@ def node_egress(url: str, nodes: int, partition: str, epochs: int, limit: int,
         cache = ShardCache(tmp / f"{partition}-{nodes}-node{node}", limit, Retry())
         table = sample_table(index, "train", cache=cache)
         table.remote.prefetch_shards = 2
-        plan = plan_for(index, world=nodes, rank=node, partition=partition,
-                        canonical=nodes if partition == "node" else 1, nodes=nodes, batch=64)
+        plan = plan_for(index, 64, world=nodes, rank=node, partition=partition,
+                        canonical=nodes if partition == "node" else 1, nodes=nodes)
         options = SampleOptions(channels=index.channels, image_size=index.image_size[0],
                                 train=True)
         loader = make_train_loader(table, plan, options, start_micro=0,
