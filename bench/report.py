@@ -134,7 +134,7 @@ def jpeg_rows(r: dict) -> list[str]:
         rounds = [a / b for a, b in zip(spread["shard"], spread["imagefolder"])]
         rows.append(f"| the same: CPU time of the whole process tree per image (per-round "
                     f"wall ratios {min(rounds):.2f}-{max(rounds):.2f}x) | {cpu['shard']} ms | "
-                    f"{cpu['imagefolder']} ms | {cpu['imagefolder'] / cpu['shard']:.2f}x | |")
+                    f"{cpu['imagefolder']} ms | {p['cpu_ratio_imagefolder_vs']['shard']:.2f}x | |")
     if "timm" in ips:
         q = p["ratio_shard_vs_timm"]
         rows.append(f"| the same: shard loader vs timm `create_loader` | {ips['shard']:,} img/s | "
