@@ -32,7 +32,7 @@ from shardtrain.errors import UserError
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
 
-def split_names(prefixes: list[str]) -> dict[str, tuple[str, ...]]:
+def split_names(prefixes: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """SPLIT_NAMES with `--split-prefix SPLIT=PREFIX` items replacing a split's defaults."""
     given: dict[str, list[str]] = {}
     for item in prefixes:
@@ -44,7 +44,7 @@ def split_names(prefixes: list[str]) -> dict[str, tuple[str, ...]]:
     return {**SPLIT_NAMES, **{k: tuple(v) for k, v in given.items()}}
 
 
-def split_of(name: str, names: dict[str, tuple[str, ...]] = SPLIT_NAMES) -> str | None:
+def split_of(name: str, names: dict[str, tuple[str, ...]]) -> str | None:
     for split, prefixes in names.items():
         if any(name.startswith(p) and name[len(p):len(p) + 1] in "-_." for p in prefixes):
             return split
@@ -52,7 +52,7 @@ def split_of(name: str, names: dict[str, tuple[str, ...]] = SPLIT_NAMES) -> str 
 
 
 def assign_splits(names: list[str], val_fraction: float,
-                  prefixes: dict[str, tuple[str, ...]] = SPLIT_NAMES) -> dict[str, list[str]]:
+                  prefixes: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
     """{split: shard names} from the name prefixes, else the last shards become val."""
     found = {name: split_of(name, prefixes) for name in names}
     if not any(found.values()):
@@ -125,7 +125,7 @@ def index_shards(source: str, out: str | None = None, *, label_key: str = "",
     """Scan SOURCE's shards and write index.json + sidecars; returns the index."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    prefixes = split_names(list(split_prefixes))
+    prefixes = split_names(split_prefixes)
     base, names = list_shards(source)
     folder, shard_base = destination(base if "{" in source else source, out)
     if (folder / "index.json").exists() and not overwrite:

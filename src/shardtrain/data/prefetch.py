@@ -31,7 +31,7 @@ def first_use_order(shards: np.ndarray) -> list[int]:
 class Prefetcher(threading.Thread):
     """Downloads the next shards of the plan ahead of the loader workers (a daemon thread)."""
 
-    SCAN = 2048  # batches looked ahead at most to find `prefetch_shards` distinct shards
+    SCAN = 2048  # batches looked ahead at most to find `horizon` distinct shards
 
     def __init__(self, batch_ids, shard_of, end: int, remote, horizon: int, in_flight: int,
                  downloads: Downloads):
@@ -100,7 +100,7 @@ class PlanSampler:
     """Batch indices start..end-1 in order; drives a Prefetcher when the shards are remote."""
 
     def __init__(self, start: int, end: int, batch_ids, table, in_flight: int,
-                 window_shards: int = 1):
+                 window_shards: int):
         self.start, self.end, self.batch_ids, self.table = start, end, batch_ids, table
         self.in_flight, self.window_shards = in_flight, window_shards
 
