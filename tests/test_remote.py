@@ -5,6 +5,7 @@ Run: PYTHONPATH=src .venv/bin/python -m pytest tests/test_remote.py -q
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -168,6 +169,33 @@ def test_node_cache_downloads_a_shard_once_and_verifies_it(served, tmp_path):
     with pytest.raises(DataError, match="train-999999.tar: not found"):
         cache.ensure(missing)
     assert len(web.requests()) == n_before + 1  # a 404 is not retried
+
+
+def test_url_data_reads_index_json_once_and_uploads_it_as_the_dataset_artifact(
+        served, tiny_recipe, tmp_path):
+    pytest.importorskip("wandb")
+    from accelerate import Accelerator
+
+    from shardtrain.config import load_config
+    from shardtrain.data.index import remote_index_bytes
+    from shardtrain.tracking.artifacts import dataset_artifact
+    from shardtrain.train import setup_data
+
+    web, folder = served
+    remote_index_bytes.cache_clear()  # earlier tests in this process may have read it
+    gets_before = web.requests().count("GET /index.json HTTP/1.1")
+    cfg = load_config(str(tiny_recipe), [f"data.path={web.url}",
+                                         f"data.cache_dir={tmp_path / 'cache'}"])
+    d = setup_data(cfg, Accelerator(cpu=True))
+    artifact, aliases = dataset_artifact(d.index, d.index_json, d.index_hash)
+    assert web.requests().count("GET /index.json HTTP/1.1") == gets_before + 1
+    assert d.index_json == (folder / "index.json").read_bytes()
+    assert d.index_hash == hashlib.sha256(d.index_json).hexdigest()
+    entries = artifact.manifest.entries
+    assert open(entries["index.json"].local_path, "rb").read() == d.index_json
+    assert entries["shards/train-000000.tar"].ref == f"{web.url}/train-000000.tar"
+    assert aliases == [f"index-{d.index_hash[:12]}"]
+    assert artifact.metadata["index_hash"] == d.index_hash
 
 
 def test_eviction_is_lru_and_spares_protected_entries(tmp_path):

@@ -22,7 +22,6 @@ from accelerate.utils import gather_object
 from shardtrain.checkpoint import save_checkpoint, save_weights
 from shardtrain.config import RESUMABLE_CHANGES, config_hash
 from shardtrain.data.batch import prepare_batch
-from shardtrain.data.index import index_hash
 from shardtrain.data.loader import (EVAL, eval_options, make_eval_loader, make_train_loader,
                                     train_options)
 from shardtrain.data.mix import mix_for_step
@@ -339,7 +338,7 @@ class Loop:
                      "scheduler": self.scheduler.state_dict(),
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
             trainer = {"step": state.step, "world_size": acc.num_processes,
-                       "index_hash": index_hash(self.cfg.data.path),
+                       "index_hash": self.data.index_hash,
                        "config_hash": config_hash(self.cfg, RESUMABLE_CHANGES),
                        "config": asdict(self.cfg),
                        "state": {**asdict(state), **skipped}}

@@ -15,6 +15,7 @@ a checkpoint is written and the process exits with ExitCode.PREEMPTED (75) for t
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
@@ -29,7 +30,7 @@ from shardtrain.checkpoint import latest_checkpoint, load_checkpoint, refuse_exi
 from shardtrain.config import Config, config_changes, save_config
 from shardtrain.data.batch import BatchOptions
 from shardtrain.data.cache import ShardCache, default_cache_dir
-from shardtrain.data.index import Index, SampleTable, index_hash, load_index, sample_table
+from shardtrain.data.index import Index, SampleTable, index_bytes, load_index, sample_table
 from shardtrain.data.plan import TrainPlan, check_batch_layout, check_node_layout
 from shardtrain.data.remote import Retry
 from shardtrain.ema import make_ema, split_ema
@@ -96,6 +97,8 @@ class Data:
     """The dataset as the trainer sees it: index, tables, plan and batch options."""
 
     index: Index
+    index_json: bytes  # index.json's bytes, uploaded as such by the W&B dataset artifact
+    index_hash: str  # their sha256: identifies the dataset version in checkpoints and W&B
     train: SampleTable
     val: SampleTable | None  # None: no such split (or data.val_split="")
     test: SampleTable | None
@@ -109,6 +112,7 @@ def setup_data(cfg: Config, accelerator: Accelerator, ckpt: dict | None = None) 
     if not cfg.data.path:
         raise UserError("no dataset: pass --data DIR (a folder written by `shardtrain pack`)")
     index = load_index(cfg.data.path)
+    index_json = index_bytes(cfg.data.path)  # a URL's: what load_index fetched (cached)
     check, cache = cfg.data.verify_checksums, shard_cache(cfg)
     train = sample_table(index, cfg.data.train_split, check, cache)
     val, test = (sample_table(index, name, check, cache) if has_split(index, name) else None
@@ -140,7 +144,8 @@ def setup_data(cfg: Config, accelerator: Accelerator, ckpt: dict | None = None) 
     mean = torch.tensor(cfg.data.mean or index.mean, dtype=torch.float32)
     std = torch.tensor(cfg.data.std or index.std, dtype=torch.float32)
     opts = BatchOptions(mean, std, cfg.data.scaling, cfg.augment.pad_crop, cfg.model.channels_last)
-    return Data(index, train, val, test, plan, image_size, opts)
+    return Data(index, index_json, hashlib.sha256(index_json).hexdigest(), train, val, test, plan,
+                image_size, opts)
 
 
 def num_nodes(accelerator: Accelerator) -> int:
@@ -227,7 +232,8 @@ def train(cfg: Config, out_dir: Path, resume: str = "", allow_changes: bool = Fa
     reporter = Reporter(accelerator, out_dir, total_steps, state.step)
     if accelerator.is_main_process:
         save_config(cfg, out_dir / "config.yaml")
-    state.wandb_id = reporter.start_wandb(cfg, run_config(cfg, data, accelerator), state.wandb_id)
+    state.wandb_id = reporter.start_wandb(cfg, run_config(cfg, data, accelerator), state.wandb_id,
+                                          data)
     loop = Loop(cfg, accelerator, data, model, optimizer, scheduler, total_steps=total_steps,
                 reporter=reporter, meta=meta, out_dir=out_dir, ema=ema)
     preempted = loop.run(state)
@@ -259,7 +265,7 @@ def run_config(cfg: Config, data: Data, accelerator: Accelerator) -> dict:
     nodes = int(os.environ.get("SHARDTRAIN_NUM_NODES", os.environ.get("SLURM_NNODES", 1)))
     return {**asdict(cfg), "world_size": accelerator.num_processes,
             "procs_per_node": accelerator.num_processes // max(nodes, 1),
-            "precision": accelerator.mixed_precision, "index_hash": index_hash(cfg.data.path),
+            "precision": accelerator.mixed_precision, "index_hash": data.index_hash,
             "classes": data.index.classes, "git_commit": git_commit(),
             "torch": torch.__version__, "accelerate": accelerate.__version__,
             "steps_per_epoch": data.plan.steps_per_epoch}
@@ -297,7 +303,7 @@ def restore(ckpt: dict, cfg: Config, data: Data, model, optimizer, scheduler, ac
     """Load a checkpoint into the (unprepared) model and optimizer, after compatibility checks."""
     t = ckpt["trainer"]
     problems = []
-    if t["index_hash"] != index_hash(cfg.data.path):
+    if t["index_hash"] != data.index_hash:
         problems.append("the dataset index differs from the checkpoint's")
     changes = config_changes(t["config"], cfg)
     if changes:

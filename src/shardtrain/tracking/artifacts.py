@@ -1,6 +1,6 @@
 """W&B artifacts: the dataset into the run's lineage, the trained model out, and back again.
 
-    use_dataset(run, "shards/fashion-mnist-12k")   # at start: a `dataset` artifact, used
+    use_dataset(run, data)                         # at start: a `dataset` artifact, used
     log_model(run, cfg, run_dir, final)            # at the end: a `model` artifact
     resolve_checkpoint("wandb:me/shardtrain/model-3f9c2a1b:best")  # -> a local folder (online)
 
@@ -47,23 +47,21 @@ def shard_uri_base(data_path: str) -> str:
     return Path(data_path).resolve().as_uri()
 
 
-def dataset_artifact(data_path: str):
-    """A `dataset` artifact for the shard folder (see the module docstring)."""
+def dataset_artifact(index, index_json: bytes, digest: str):
+    """A `dataset` artifact for the shards of `index` (data.index.Index), whose index.json holds
+    `index_json`, of sha256 `digest` (see the module docstring)."""
     import wandb
 
-    from shardtrain.data.index import index_hash, load_index
-
-    index = load_index(data_path)
-    digest = index_hash(data_path)
     splits = {name: split.num_samples for name, split in index.splits.items()}
     artifact = wandb.Artifact(
-        artifact_name(index.name or Path(data_path).name), type="dataset",
+        artifact_name(index.name or Path(index.location).name), type="dataset",
         description=f"shardtrain shards: {', '.join(f'{k} {v}' for k, v in splits.items())}",
         metadata={"index_hash": digest, "classes": index.classes, "splits": splits,
                   "channels": index.channels, "image_size": index.image_size,
-                  "mean": index.mean, "std": index.std, "path": str(data_path)})
-    artifact.add_file(str(Path(data_path) / "index.json"), name="index.json")
-    base = shard_uri_base(str(data_path))
+                  "mean": index.mean, "std": index.std, "path": index.location})
+    with artifact.new_file("index.json", mode="xb") as f:  # a folder's or a URL's, as read
+        f.write(index_json)
+    base = shard_uri_base(index.location)
     for split in index.splits.values():
         for shard in split.shards:
             for key in ("file", "samples_file"):
@@ -72,9 +70,9 @@ def dataset_artifact(data_path: str):
     return artifact, [f"index-{digest[:12]}"]
 
 
-def use_dataset(run, data_path: str) -> str:
-    """Declare the dataset as the run's input; returns the artifact's name."""
-    artifact, aliases = dataset_artifact(data_path)
+def use_dataset(run, data) -> str:
+    """Declare the dataset (a train.Data) as the run's input; returns the artifact's name."""
+    artifact, aliases = dataset_artifact(data.index, data.index_json, data.index_hash)
     if run.offline:  # what use_artifact does for a new artifact, minus its wait for the upload
         run._log_artifact(artifact, aliases=aliases, is_user_created=True, use_after_commit=True)
     else:

@@ -44,9 +44,10 @@ class Reporter:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         dynamic_ncols=True, file=sys.stderr, disable=None)
 
-    def start_wandb(self, cfg, config: dict, run_id: str) -> str:
+    def start_wandb(self, cfg, config: dict, run_id: str, data) -> str:
         """One W&B run per job, created here on the main process; resumes by id. Returns the id
-        the run really has (the agent's under `wandb agent`), to be stored in the loop State."""
+        the run really has (the agent's under `wandb agent`), to be stored in the loop State.
+        `data` (a train.Data) is the run's input: the dataset artifact."""
         if not (self.active and cfg.log.wandb):
             return run_id
         mode = wandb_mode_from_env()
@@ -61,7 +62,7 @@ class Reporter:
         for record in read_metrics(self.metrics_path):  # resumed: what W&B lost or never had
             self.send_to_wandb(record["step"], record)
         if cfg.log.artifacts and cfg.data.path:
-            self.use_dataset(run, cfg.data.path)
+            self.use_dataset(run, data)
         if run.id != run_id:
             self.print(f"W&B run id {run.id} (assigned by W&B, e.g. `wandb agent`) replaces "
                        f"{run_id} in this run's checkpoints and final.json")
@@ -139,13 +140,13 @@ class Reporter:
                 self.print(run_banner(run, self.run_dir))
         (self.run_dir / "final.json").write_text(json.dumps(final, indent=1) + "\n")
 
-    def use_dataset(self, run, data_path: str) -> None:
+    def use_dataset(self, run, data) -> None:
         """The dataset artifact as the run's input (artifacts.use_dataset); a failure (say, the
         server unreachable while uploading index.json) is a warning, training goes on."""
         from shardtrain.tracking.artifacts import use_dataset
 
         try:
-            use_dataset(run, data_path)
+            use_dataset(run, data)
         except Exception as e:
             self.print(f"warning: W&B dataset artifact not logged: {type(e).__name__}: {e}")
 
