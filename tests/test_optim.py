@@ -168,3 +168,25 @@ def test_extended_schedule_is_continuous_and_survives_the_scheduler_state():
     again.load_state_dict(resumed.state_dict())
     again.lr_lambdas[0].extend(14, 14)
     assert again.lr_lambdas[0].position(10) == resumed.lr_lambdas[0].position(10)
+
+
+@pytest.mark.parametrize("clip_value", [0.0, 0.01])
+def test_clip_gradients_returns_the_norm_before_clipping(clip_value):
+    from types import SimpleNamespace
+
+    from shardtrain.step import clip_gradients
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.zeros(5, 3)), nn.Parameter(torch.zeros(4))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = torch.cat([p.grad.flatten() for p in params]).norm()
+    accelerator = SimpleNamespace(unscale_gradients=lambda: None)
+    norm = clip_gradients(accelerator, params, clip_value, clip_norm=0.5, measure=True)
+    assert norm == pytest.approx(before.item(), rel=1e-6)
+    clipped = torch.cat([p.grad.flatten() for p in params])
+    if clip_value:  # by value first: small enough that clipping by norm leaves it
+        assert clipped.abs().max() == clip_value and clipped.norm() < 0.5
+    else:
+        assert clipped.norm() == pytest.approx(0.5, rel=1e-4)
+    assert clip_gradients(accelerator, params, clip_value, clip_norm=0.5) is None

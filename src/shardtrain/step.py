@@ -81,12 +81,16 @@ def clip_gradients(accelerator, parameters, clip_value: float, clip_norm: float,
 
     Once: under fp16, GradScaler.unscale_ refuses a second call before update(), and
     accelerator.clip_grad_value_ and clip_grad_norm_ each call it. Returns the norm when
-    `measure` (clip_grad_norm_ with max_norm=inf multiplies by exactly 1), else None.
+    `measure` (clip_grad_norm_ with max_norm=inf multiplies by exactly 1; clipping by norm
+    alone, clip_grad_norm_ measures it, returning the norm before clipping), else None.
     `before_clipping()`, when given, runs on the unscaled gradients before any clipping."""
     accelerator.unscale_gradients()  # a no-op without a grad scaler
     if before_clipping is not None:
         before_clipping()
     params = [p for p in parameters if p.grad is not None]
+    if clip_norm and not clip_value:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        return norm if measure else None
     norm = torch.nn.utils.clip_grad_norm_(params, float("inf")) if measure else None
     if clip_value:
         torch.nn.utils.clip_grad_value_(params, clip_value)
