@@ -69,12 +69,18 @@ def save_weights(path: Path, state_dict: dict, meta: dict) -> None:
 def load_weights(path: str | Path) -> tuple[dict, dict]:
     """(state_dict, metadata) from a .safetensors file, a checkpoint folder or a run folder."""
     path = resolve_weights(Path(path))
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    meta = read_meta(path)
     if not meta:
         raise UserError(f"{path} has no shardtrain metadata (was it written by shardtrain?)")
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
     return state, meta
+
+
+def read_meta(path: Path) -> dict:
+    """The metadata save_weights stored in a .safetensors file ({} when it has none)."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get(META_KEY, "{}"))
 
 
 def resolve_weights(path: Path) -> Path:

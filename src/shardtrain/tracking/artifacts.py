@@ -25,11 +25,11 @@ writes for a new artifact (log + use after commit): `wandb sync` then links it a
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 
+from shardtrain.checkpoint import read_meta
+from shardtrain.data.index import sha256_file
 from shardtrain.errors import UserError
 
 PREFIX = "wandb:"
@@ -80,23 +80,8 @@ def use_dataset(run, data) -> str:
     return artifact.name
 
 
-def weights_metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("shardtrain", "{}"))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_metadata(cfg, weights: Path, index_hash: str, metrics: dict) -> dict:
-    meta = weights_metadata(weights)
+    meta = read_meta(weights)
     return {"recipe": cfg.recipe, "model": meta.get("model"), "classes": meta.get("classes"),
             "image_size": meta.get("image_size"), "channels": meta.get("channels"),
             "normalization": {k: meta.get(k) for k in ("scaling", "mean", "std")},
@@ -113,7 +98,7 @@ def log_model(run, cfg, run_dir: Path, final: dict, index_hash: str) -> str:
     best_path = run_dir / "checkpoints" / "best.safetensors"
     aliases = ["latest"]
     if best_path.is_file():
-        if file_sha256(best_path) == file_sha256(final_path):
+        if sha256_file(best_path) == sha256_file(final_path):
             aliases.append("best")
         else:
             best = wandb.Artifact(name, type="model", metadata=model_metadata(
