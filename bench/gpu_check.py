@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from shardtrain.tracking.report import read_metrics  # skips a torn last line: runs still write
+
 HERE = Path(__file__).resolve().parent
 DEMO = HERE.parent / "shards" / "fashion-mnist-12k"
 BUDGET_S = 7 * 60  # checks not started by then are reported as skipped; runs stop by 8 min
@@ -222,21 +224,15 @@ def last_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def read_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
 def logged_step(path: Path) -> int:
-    steps = [r["step"] for r in read_records(path) if r.get("kind") == "step"]
+    steps = [r["step"] for r in read_metrics(path) if r.get("kind") == "step"]
     return steps[-1] if steps else -1
 
 
 def steady_rate(path: Path) -> float:
     """Median train/images_per_sec of the logged steps after the first quarter (compile and
     warm-up excluded)."""
-    rates = [r["train/images_per_sec"] for r in read_records(path) if r.get("kind") == "step"]
+    rates = [r["train/images_per_sec"] for r in read_metrics(path) if r.get("kind") == "step"]
     rates = sorted(rates[len(rates) // 4:]) or [float("nan")]
     return float(rates[len(rates) // 2])
 
