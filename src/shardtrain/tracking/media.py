@@ -121,7 +121,9 @@ def final_media(loop, total_steps: int, last_eval: dict) -> dict:
             media["media/prediction_table"] = predictions_table(
                 images[:n], true[:n], probs[:n], ids[:n], classes)
     if last_eval.get("confusion"):
-        png = plot_confusion(last_eval["confusion"], classes, plots / "confusion.png")
+        png = plots / "confusion.png"
+        if not cfg.log.plots:  # else report.write_eval_files drew it, from this same matrix
+            plot_confusion(last_eval["confusion"], classes, png)
         media["media/confusion_matrix"] = wandb.Image(str(png), caption="rows true, cols predicted")
         media["media/confusion_chart"] = confusion_chart(
             last_eval["confusion"], classes, f"Confusion matrix ({split})")
