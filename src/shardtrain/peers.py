@@ -61,9 +61,9 @@ class Peer:
 class PeerLink:
     """Rank 0 is the hub, every other rank a spoke; see the module docstring."""
 
-    def __init__(self, rank: int, world: int, local_rank: int, timeout: float,
-                 store_addr: str, store_port: int, setup_timeout: float):
-        self.rank, self.world, self.local_rank = rank, world, local_rank
+    def __init__(self, rank: int, local_rank: int, timeout: float, store_addr: str,
+                 store_port: int, setup_timeout: float):
+        self.rank, self.local_rank = rank, local_rank
         self.timeout, self.interval = timeout, max(1.0, timeout / 10)
         self.store_addr, self.store_port, self.setup_timeout = store_addr, store_port, setup_timeout
         self.peers: dict[socket.socket, Peer] = {}
@@ -246,7 +246,7 @@ def start_link(timeout: float, setup_timeout: float) -> PeerLink | None:
     world = int(env.get("WORLD_SIZE", 1))
     if world < 2 or timeout <= 0 or "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
         return None
-    link = PeerLink(int(env.get("RANK", 0)), world, int(env.get("LOCAL_RANK", 0)), timeout,
+    link = PeerLink(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), timeout,
                     env["MASTER_ADDR"], int(env["MASTER_PORT"]), setup_timeout)
     link.thread.start()
     return link

@@ -25,7 +25,6 @@ import zlib
 
 from shardtrain.errors import UserError
 
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SRUN_PER_TASK = "SHARDTRAIN_SRUN_PER_TASK"  # set by apply_slurm_topology for default_workers
 MAX_DEFAULT_WORKERS = 8  # beyond this a rank's loader rarely gains, but memory keeps growing
 
