@@ -160,12 +160,20 @@ def refuse_existing_run(out_dir: Path) -> None:
                         f"--resume auto, or train into a new --out folder")
 
 
-def latest_checkpoint(root: Path) -> Path | None:
+def latest_checkpoint(root: Path, strict: bool = False) -> Path | None:
+    """The complete checkpoint `root/latest` names; None without one, or when it names a missing
+    or incomplete folder, which `strict` refuses instead (DataError)."""
     pointer = root / "latest"
     if not pointer.is_file():
         return None
-    folder = root / pointer.read_text().strip()
-    return folder if (folder / "trainer.json").is_file() else None
+    name = pointer.read_text().strip()
+    folder = root / name
+    if (folder / "trainer.json").is_file():
+        return folder
+    if strict:
+        raise DataError(f"{pointer} names {name!r}, which is missing or incomplete: resume from "
+                        f"another checkpoint with --resume PATH")
+    return None
 
 
 def load_checkpoint(folder: Path) -> dict:

@@ -34,7 +34,7 @@ from shardtrain.data.index import Index, SampleTable, index_bytes, load_index, s
 from shardtrain.data.plan import TrainPlan, check_batch_layout, check_node_layout
 from shardtrain.data.remote import Retry
 from shardtrain.ema import make_ema, split_ema
-from shardtrain.errors import DataError, ExitCode, UserError
+from shardtrain.errors import ExitCode, UserError
 from shardtrain.loop import Loop
 from shardtrain.lr_plateau import PlateauLR
 from shardtrain.models import create_model
@@ -284,12 +284,8 @@ def git_commit() -> str:
 def find_resume(resume: str, out_dir: Path) -> dict | None:
     if not resume:
         return None
-    if resume == "auto":
-        pointer = out_dir / "checkpoints" / "latest"
-        folder = latest_checkpoint(pointer.parent)
-        if pointer.is_file() and folder is None:  # never restart from 0 over a damaged run
-            raise DataError(f"{pointer} names {pointer.read_text().strip()!r}, which is missing "
-                            f"or incomplete: resume from another checkpoint with --resume PATH")
+    if resume == "auto":  # strict: never restart from 0 over a damaged run
+        folder = latest_checkpoint(out_dir / "checkpoints", strict=True)
         return load_checkpoint(folder) if folder else None
     path = Path(resume)
     folder = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else path
