@@ -18,6 +18,7 @@ from helpers import RUNS, read_json, run_shardtrain
 from servers import Nginx
 from shardtrain.data.index import load_index, sample_table
 from shardtrain.data.inspect import verify_shards
+from shardtrain.tracking.artifacts import dataset_artifact
 
 pytestmark = RUNS  # real training subprocesses
 
@@ -98,6 +99,11 @@ def test_json_labels_from_a_url_index_elsewhere_and_train(tiny_recipe, tmp_path)
         raw = json.loads((out / "index.json").read_text())
         assert raw["shard_base"] == web.url and raw["classes"] == sorted(CLASSES)
         assert not list(served.glob("*.samples.json"))  # nothing written next to the shards
+        shard = load_index(out).split("train").shards[0]  # W&B lineage: each file where it is
+        artifact, _ = dataset_artifact(load_index(out), (out / "index.json").read_bytes(), "0")
+        refs = {name: entry.ref for name, entry in artifact.manifest.entries.items()}
+        assert refs[f"shards/{shard['file']}"] == f"{web.url}/{shard['file']}"
+        assert refs[f"shards/{shard['samples_file']}"] == (out / shard["samples_file"]).as_uri()
         run_shardtrain(["index", web.url, "--out", tmp_path / "all", "--label-key", "label"])
         assert set(load_index(tmp_path / "all").splits) == {"train", "val"}
         run = tmp_path / "run"

@@ -61,10 +61,12 @@ def dataset_artifact(index, index_json: bytes, digest: str):
                   "mean": index.mean, "std": index.std, "path": index.location})
     with artifact.new_file("index.json", mode="xb") as f:  # a folder's or a URL's, as read
         f.write(index_json)
-    base = shard_uri_base(index.location)
+    # shards at index.json's shard_base (`shardtrain index --out`), sidecars beside index.json
+    bases = {"file": shard_uri_base(index.shard_base),
+             "samples_file": shard_uri_base(index.location)}
     for split in index.splits.values():
         for shard in split.shards:
-            for key in ("file", "samples_file"):
+            for key, base in bases.items():
                 artifact.add_reference(f"{base}/{shard[key]}", name=f"shards/{shard[key]}",
                                        checksum=False)
     return artifact, [f"index-{digest[:12]}"]
