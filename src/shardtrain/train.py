@@ -30,7 +30,7 @@ from shardtrain.checkpoint import latest_checkpoint, load_checkpoint, refuse_exi
 from shardtrain.config import Config, config_changes, save_config
 from shardtrain.data.batch import BatchOptions
 from shardtrain.data.cache import ShardCache, default_cache_dir
-from shardtrain.data.index import Index, SampleTable, index_bytes, load_index, sample_table
+from shardtrain.data.index import Index, SampleTable, load_index, sample_table
 from shardtrain.data.plan import TrainPlan, check_batch_layout, check_node_layout
 from shardtrain.data.remote import Retry
 from shardtrain.ema import make_ema, split_ema
@@ -112,7 +112,7 @@ def setup_data(cfg: Config, accelerator: Accelerator, ckpt: dict | None = None) 
     if not cfg.data.path:
         raise UserError("no dataset: pass --data DIR (a folder written by `shardtrain pack`)")
     index = load_index(cfg.data.path)
-    index_json = index_bytes(cfg.data.path)  # a URL's: what load_index fetched (cached)
+    index_json = index.json_bytes  # read once, by load_index
     check, cache = cfg.data.verify_checksums, shard_cache(cfg)
     train = sample_table(index, cfg.data.train_split, check, cache)
     val, test = (sample_table(index, name, check, cache) if has_split(index, name) else None

@@ -48,6 +48,7 @@ class Index:
     splits: dict[str, SplitInfo]
     raw: dict
     location: str = ""  # the folder or URL holding index.json (and, by default, the shards)
+    json_bytes: bytes = b""  # index.json as read: what its sha256 and W&B artifacts are made of
 
     @property
     def shard_base(self) -> str:
@@ -121,7 +122,8 @@ def load_index(dir: str | Path) -> Index:
         if "train" not in splits or raw["channels"] not in (1, 3):
             raise DataError(f"{path}: no train split or bad channels")
         return Index(root, raw["name"], classes, raw["channels"], tuple(size) if size else None,
-                     list(raw["mean"]), list(raw["std"]), splits, raw, location)  # fmt: skip
+                     list(raw["mean"]), list(raw["std"]), splits, raw, location,
+                     data)  # fmt: skip
     except DataError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
